@@ -1,0 +1,136 @@
+"""WebDataset shards: expanding shard specs, reading samples out of tars robustly, caption fields.
+
+A sample is a dict {"__key__": key, "__shard__": path, "jpg": bytes, "txt": bytes, "json": bytes, ...}
+grouped from consecutive tar members that share a key (the basename up to its first dot), which is
+the layout img2dataset and webdataset write. Read errors (truncated tar, bad header) end that shard
+with a warning naming it; they never kill the job.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("llm2clip")
+
+
+def expand_shards(spec: str) -> list[str]:
+    """'a/{000..009}.tar', 'a/*.tar', 'x.tar::y/*.tar' (several datasets) -> sorted existing paths per part.
+
+    Raises FileNotFoundError naming the part that matched nothing.
+    """
+    import braceexpand
+
+    out: list[str] = []
+    for part in [p for p in spec.split("::") if p.strip()]:
+        matched: list[str] = []
+        for pat in braceexpand.braceexpand(part.strip()):
+            hits = sorted(glob.glob(os.path.expanduser(pat)))
+            matched.extend(hits)
+        if not matched:
+            raise FileNotFoundError(f"no shard matches '{part}' (from '{spec}')")
+        out.extend(matched)
+    return out
+
+
+def shard_size(path: str) -> int | None:
+    """Sample count from img2dataset's `<shard>_stats.json` or open_clip's `sizes.json`, if present."""
+    p = Path(path)
+    stats = p.with_name(p.name[: -len(".tar")] + "_stats.json") if p.name.endswith(".tar") else None
+    if stats is not None and stats.is_file():
+        try:
+            d = json.loads(stats.read_text())
+            return int(d.get("successes", d.get("count")))
+        except (ValueError, TypeError):
+            pass
+    sizes = p.parent / "sizes.json"
+    if sizes.is_file():
+        try:
+            return int(json.loads(sizes.read_text())[p.name])
+        except (KeyError, ValueError):
+            pass
+    return None
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    base = os.path.basename(member_name)
+    prefix = os.path.dirname(member_name)
+    key, _, ext = base.partition(".")
+    return (f"{prefix}/{key}" if prefix else key), ext.lower()
+
+
+@dataclass
+class ReadStats:
+    read_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read_errors": len(self.read_errors)}
+
+
+def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
+                     want: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield samples of one tar in order. `skip` samples are passed over without reading their data;
+    `want` limits which extensions are read (e.g. {"txt", "json"} to avoid reading images)."""
+    cur: dict[str, Any] | None = None
+    index = 0
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = split_key(m.name)
+                if key.startswith("_") or not ext:  # e.g. __index__ members
+                    continue
+                if cur is None or cur["__key__"] != key:
+                    if cur is not None:
+                        if index >= skip:
+                            yield cur
+                        index += 1
+                    cur = {"__key__": key, "__shard__": path, "__index__": index}
+                if index >= skip and (want is None or ext in want):
+                    f = tf.extractfile(m)
+                    cur[ext] = f.read() if f is not None else b""
+            if cur is not None and index >= skip:
+                yield cur
+    except (tarfile.TarError, OSError, EOFError) as e:
+        msg = f"{path}: read error after sample {index} ({e}); rest of the shard skipped"
+        log.warning(msg)
+        if stats is not None:
+            stats.read_errors.append(msg)
+
+
+class CaptionFieldError(KeyError):
+    pass
+
+
+def get_caption(sample: dict[str, Any], spec: str) -> str | None:
+    """Caption by field spec: "txt" (the .txt member) or "json:NAME" (a field of the .json member).
+
+    Returns None when the field is absent or empty (callers count and skip such samples)."""
+    if spec.startswith("json:"):
+        raw = sample.get("json")
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        except json.JSONDecodeError:
+            return None
+        val = meta.get(spec[5:]) if isinstance(meta, dict) else None
+        if isinstance(val, list):
+            val = val[0] if val else None
+    else:
+        val = sample.get(spec)
+        if isinstance(val, bytes):
+            val = val.decode("utf-8", errors="replace")
+    if not isinstance(val, str) or not val.strip():
+        return None
+    return val.strip()
+
+
+def field_extensions(fields: list[str]) -> set[str]:
+    return {"json" if f.startswith("json:") else f for f in fields}

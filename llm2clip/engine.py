@@ -1,0 +1,251 @@
+"""The one training loop shared by stage 1 and stage 2.
+
+A task supplies the module to train, its parameter groups, a resumable batch iterator, the loss,
+an evaluation and the final export; the engine owns DeepSpeed, the lr schedule, the finite checks,
+checkpoint cadence and resume, preemption, and logging. One step, top to bottom, is `_train_step`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from llm2clip import checkpoint as C
+from llm2clip import distributed as D
+from llm2clip.config import ConfigError, atomic_write_text, config_to_dict, save_config
+from llm2clip.logger import MetricLogger, peak_memory_gib, progress, setup_logging
+from llm2clip.schema import OptimConfig, RunConfig, TrainConfig
+
+# DeepSpeed keys whose values our config owns: the JSON file must say "auto" (or agree).
+_OWNED = {
+    "train_micro_batch_size_per_gpu": lambda t, o, w: t.micro_batch_size,
+    "gradient_accumulation_steps": lambda t, o, w: t.grad_accum,
+    "train_batch_size": lambda t, o, w: t.micro_batch_size * t.grad_accum * w,
+    "gradient_clipping": lambda t, o, w: o.grad_clip,
+}
+
+
+class TrainTask(Protocol):
+    name: str
+
+    def module(self) -> nn.Module: ...
+    def param_groups(self, module: nn.Module) -> list[dict]: ...
+    def batches(self, data_state: dict | None) -> Iterator[Any]: ...  # yields batches; .state_dict() after each
+    def data_state(self) -> dict: ...
+    def loss(self, engine, batch) -> tuple[torch.Tensor, dict[str, float], int]: ...  # (loss, metrics, n tokens/items)
+    def evaluate(self, engine, step: int) -> dict[str, float]: ...
+    def after_optimizer_step(self, module: nn.Module) -> None: ...
+    def export(self, engine, out_dir: Path) -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def resolve_precision(train: TrainConfig) -> str:
+    if train.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return train.precision
+
+
+def build_ds_config(train: TrainConfig, optim: OptimConfig, world: int) -> dict:
+    """Read the DeepSpeed JSON and fill in the values our config owns (they must be "auto" there)."""
+    path = Path(train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    for key, fn in _OWNED.items():
+        want = fn(train, optim, world)
+        have = ds.get(key, "auto")
+        if have != "auto" and have != want:
+            raise ConfigError(f"{path}: '{key}' is {have} but the llm2clip config gives {want}; set it to \"auto\" "
+                              "in the DeepSpeed file (llm2clip fills it in) and change the llm2clip config instead")
+        ds[key] = want
+    prec = resolve_precision(train)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    if train.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = train.zero_stage
+    ds.setdefault("zero_allow_untested_optimizer", True)  # we bring torch's AdamW (no JIT-compiled op on CPU)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    for section in ds.values():  # any "auto" left is a key we do not own
+        if isinstance(section, dict):
+            for k, v in section.items():
+                if v == "auto":
+                    raise ConfigError(f"{path}: '{k}' is \"auto\" but llm2clip does not fill it; give a value")
+    return ds
+
+
+def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Warmup (linear from 0) then cosine/linear decay to min_lr_ratio, or constant."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - optim.warmup_steps)
+    t = min(1.0, (step - optim.warmup_steps) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if optim.schedule == "cosine" else 1.0 - t
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+
+class _PreemptFlag:
+    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 42."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, train: TrainConfig, optim: OptimConfig, task: TrainTask, full_config: Any):
+        self.run_cfg, self.train_cfg, self.optim_cfg, self.task = run, train, optim, task
+        self.full_config = full_config
+        self.stop_after = train.stop_after
+        self.log = setup_logging()
+        self.out = Path(run.output_dir)
+
+    def _build_engine(self):
+        import deepspeed
+
+        module = self.task.module()
+        groups = self.task.param_groups(module)
+        for g in groups:
+            g["lr"] = self.optim_cfg.lr * g.pop("lr_scale", 1.0) if "lr" not in g else g["lr"]
+            g.setdefault("initial_lr", g["lr"])
+        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas),
+                                eps=self.optim_cfg.eps, weight_decay=self.optim_cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_multiplier(s, self.optim_cfg, self.train_cfg.max_steps))
+        ds_cfg = build_ds_config(self.train_cfg, self.optim_cfg, D.get_world_size())
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
+                                               dist_init_required=False)
+        C.install_safe_loader(engine)
+        return engine, ds_cfg
+
+    def run(self) -> dict[str, Any]:
+        torch.manual_seed(self.run_cfg.seed + D.get_rank())
+        if D.get_rank() == 0:
+            save_config(self.full_config, self.out / "config.yaml")
+        engine, ds_cfg = self._build_engine()
+        if D.get_rank() == 0:
+            atomic_write_text(self.out / "deepspeed_config.json", json.dumps(ds_cfg, indent=1))
+        metrics = MetricLogger(str(self.out), self.run_cfg.tensorboard)
+        step, samples_seen, data_state = 0, 0, None
+        ckpt = C.resolve_resume(self.run_cfg.resume, str(self.out))
+        if ckpt is not None:
+            engine.load_checkpoint(str(ckpt / "engine"), tag="ds", load_module_strict=False)
+            st = C.read_trainer_state(ckpt)
+            step, samples_seen = st["step"], st["samples_seen"]
+            data_state = C.load_rank_state(ckpt, D.get_rank())
+            self.log.info(f"resumed from {ckpt} at step {step}")
+        preempt = _PreemptFlag()
+        batches = self.task.batches(data_state or None)
+        summary: dict[str, Any] = {}
+        if step == 0 and self.train_cfg.eval_every > 0:
+            ev = self.task.evaluate(engine, 0)
+            metrics.log(0, ev)
+            summary["eval_start"] = ev
+            self.log.info(f"eval @0: {_fmt(ev)}")
+        end = self.train_cfg.max_steps if self.stop_after is None else min(self.stop_after, self.train_cfg.max_steps)
+        bar = progress(end, step, self.task.name, self.run_cfg.progress_bar)
+        t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
+        while step < end:
+            loss_val, m, n_tok, n_items, wait = self._train_step(engine, batches)
+            step += 1
+            samples_seen += n_items * D.get_world_size()
+            tok_acc += n_tok
+            item_acc += n_items
+            wait_acc += wait
+            bar.update(1)
+            if step % self.run_cfg.log_every == 0 or step == end:
+                dt = time.perf_counter() - t_last
+                gn = engine.get_global_grad_norm()
+                row = {"train/loss": loss_val, "train/lr": engine.get_lr()[0],
+                       "train/grad_norm": float(gn) if gn is not None else float("nan"),
+                       "perf/tokens_per_s": tok_acc * D.get_world_size() / dt,
+                       "perf/items_per_s": item_acc * D.get_world_size() / dt,
+                       "perf/data_wait_frac": wait_acc / dt, "perf/peak_mem_gib": peak_memory_gib(),
+                       **{f"train/{k}": v for k, v in m.items()}}
+                metrics.log(step, row)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{row['train/lr']:.2e}")
+                t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
+            if self.train_cfg.eval_every > 0 and step % self.train_cfg.eval_every == 0 and step != end:
+                ev = self.task.evaluate(engine, step)
+                metrics.log(step, ev)
+                self.log.info(f"eval @{step}: {_fmt(ev)}")
+            stop_now = D.all_reduce_max(1.0 if preempt.flag else 0.0) > 0
+            if stop_now or (self.train_cfg.save_every > 0 and step % self.train_cfg.save_every == 0) or step == end:
+                self._save(engine, step, samples_seen)
+            if stop_now:
+                bar.close()
+                metrics.close()
+                self.log.warning(f"preemption signal: checkpointed at step {step}, exiting {D.REQUEUE_EXIT_CODE} "
+                                 "for requeue")
+                raise SystemExit(D.REQUEUE_EXIT_CODE)
+        bar.close()
+        if step >= self.train_cfg.max_steps:
+            ev = self.task.evaluate(engine, step) if self.train_cfg.eval_every >= 0 else {}
+            metrics.log(step, ev)
+            summary["eval_end"] = ev
+            self.log.info(f"eval @{step} (final): {_fmt(ev)}")
+            self.task.export(engine, self.out / "export")
+        metrics.close()
+        summary["step"] = step
+        if D.get_rank() == 0:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def _train_step(self, engine, batches) -> tuple[float, dict, int, int, float]:
+        """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens, items, wait s)."""
+        tot_loss, n_tok, n_items, wait = 0.0, 0, 0, 0.0
+        agg: dict[str, float] = {}
+        for _ in range(self.train_cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            loss, m, ntok = self.task.loss(engine, batch)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteError(f"non-finite loss {loss.item()} at step {engine.global_steps + 1} on rank "
+                                     f"{D.get_rank()}; lower optim.lr or check the data (no step was taken)")
+            engine.backward(loss)
+            engine.step()
+            tot_loss += float(loss.detach()) / self.train_cfg.grad_accum
+            n_tok += ntok
+            n_items += int(m.pop("n_items", 0))
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v / self.train_cfg.grad_accum
+        gn = engine.get_global_grad_norm()
+        if gn is not None and not math.isfinite(float(gn)):
+            raise NonFiniteError(f"non-finite gradient norm at step {engine.global_steps}; lower optim.lr")
+        self.task.after_optimizer_step(engine.module)
+        return tot_loss, agg, n_tok, n_items, wait
+
+    def _save(self, engine, step: int, samples_seen: int) -> None:
+        tmp = C.begin_save(str(self.out), step)
+        engine.save_checkpoint(str(tmp / "engine"), tag="ds")
+        C.save_rank_state(tmp, D.get_rank(), self.task.data_state())
+        state = {"step": step, "samples_seen": samples_seen, "world_size": D.get_world_size(),
+                 "config": config_to_dict(self.full_config)}
+        final = C.commit_save(tmp, state, self.train_cfg.keep_last)
+        self.log.info(f"saved checkpoint {final}")
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

@@ -1,0 +1,208 @@
+"""Stage 1: caption-contrastive LoRA fine-tuning of an LLM (bidirectional, mean-pooled) under DeepSpeed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from llm2clip import distributed as D
+from llm2clip.config import atomic_write_text
+from llm2clip.data.pairs import PairStream, load_caption_pairs
+from llm2clip.engine import Trainer, build_ds_config, resolve_precision
+from llm2clip.losses.infonce import infonce_loss, text_ids
+from llm2clip.schema import Stage1Config
+from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
+from llm2clip.text.tokenize import PromptTokenizer, TextBatch
+
+
+def zero_stage(cfg: Stage1Config) -> int:
+    ds = json.loads(Path(cfg.train.deepspeed_config).read_text())
+    return cfg.train.zero_stage if cfg.train.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, ptok: PromptTokenizer, texts: list[str], instruction: str = "",
+                 batch_size: int = 64, sharded: bool = True) -> torch.Tensor:
+    """Embed texts [N] -> [N, H] float32, the work split over ranks and gathered back in order.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    """
+    world, rank = (D.get_world_size(), D.get_rank()) if sharded else (1, 0)
+    per = -(-len(texts) // world)
+    mine = texts[rank * per:(rank + 1) * per]
+    n_batches = -(-per // batch_size) if per else 0
+    device = next(model.parameters()).device
+    outs = []
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size] or ["."]  # keep collectives in lockstep
+        batch = ptok(chunk, instruction).to(device)
+        e = model(batch.input_ids, batch.attention_mask, batch.embed_mask).float()
+        outs.append(e[: len(mine[b * batch_size:(b + 1) * batch_size])])
+    H = model.hidden_size if hasattr(model, "hidden_size") else outs[0].shape[1]
+    local = torch.cat(outs, 0) if outs else torch.zeros(0, H, device=device)
+    if not sharded or world == 1:
+        return local.cpu()
+    return D.gather_no_grad(local).cpu()
+
+
+class Stage1Task:
+    name = "stage1"
+
+    def __init__(self, cfg: Stage1Config):
+        self.cfg = cfg
+        self._hf_ds = None
+        self.zero = zero_stage(cfg)
+        self.world, self.rank = D.get_world_size(), D.get_rank()
+        self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
+        self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
+            if cfg.data.val_path else None
+
+    # --- model ---------------------------------------------------------------------------------
+    def module(self) -> nn.Module:
+        cfg = self.cfg
+        dtype = torch.bfloat16 if resolve_precision(cfg.train) == "bf16" else torch.float32
+        if self.zero == 3:
+            # Keeps a 12B model from materialising whole on one rank: from_pretrained partitions
+            # each parameter as it loads (the object must stay alive while the model loads).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(build_ds_config(cfg.train, cfg.optim, self.world))
+        enc, self.ptok = build_text_encoder(cfg.text, dtype=dtype)
+        backbone = enc.backbone
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = default_lora_targets(backbone, cfg.lora.target_modules)
+            backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                           lora_dropout=cfg.lora.dropout, bias="none",
+                                                           target_modules=targets))
+        if cfg.text.gradient_checkpointing:
+            # Reentrant checkpointing: the non-reentrant default breaks with PEFT + ZeRO-3
+            # (transformers #47254); reentrant needs inputs that require grad.
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            if cfg.lora.enabled:
+                backbone.enable_input_require_grads()
+        self.encoder = TextEncoder(backbone, cfg.text.pooling)
+        return self.encoder
+
+    def param_groups(self, module: nn.Module) -> list[dict]:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("stage 1 has no trainable parameters (lora.enabled=false and a frozen model?)")
+        return [{"params": params, "weight_decay": self.cfg.optim.weight_decay}]
+
+    # --- data ----------------------------------------------------------------------------------
+    def batches(self, data_state: dict | None) -> Iterator[Any]:
+        if data_state:
+            self.stream.load_state_dict(data_state)
+        return iter(self.stream)
+
+    def data_state(self) -> dict:
+        return self.stream.state_dict()
+
+    # --- step ----------------------------------------------------------------------------------
+    def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
+        examples, use_neg = batch
+        d = self.cfg.data
+        n = len(examples)
+        docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
+        texts = [e.query for e in examples] + docs
+        instr = [d.query_instruction] * n + [d.doc_instruction] * len(docs)
+        tb: TextBatch = self.ptok(texts, instr).to(engine.device)
+        emb = engine(tb.input_ids, tb.attention_mask, tb.embed_mask)
+        q, p = emb[:n], emb[n:2 * n]
+        neg = emb[2 * n:] if use_neg else None
+        ids = {}
+        if self.cfg.loss.mask_identical:
+            ids = {"p_ids": text_ids([e.positive for e in examples], q.device),
+                   "n_ids": text_ids([e.negative for e in examples], q.device) if use_neg else None}
+        loss, m = infonce_loss(q, p, neg, self.cfg.loss.temperature, **ids)
+        m["n_items"] = n
+        m["skipped_samples"] = float(self.stream.skipped)
+        return loss, m, tb.n_tokens
+
+    def after_optimizer_step(self, module: nn.Module) -> None:
+        pass
+
+    # --- eval ----------------------------------------------------------------------------------
+    def evaluate(self, engine, step: int) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        from llm2clip.eval.metrics import caption_retrieval_accuracy
+
+        _, c1, c2 = self.val
+        was_training = engine.module.training
+        engine.module.eval()
+        bs = self.cfg.train.micro_batch_size * 2
+        e1 = encode_texts(engine.module, self.ptok, c1, "", bs)
+        e2 = encode_texts(engine.module, self.ptok, c2, "", bs)
+        engine.module.train(was_training)
+        r = caption_retrieval_accuracy(e1, e2, c1, c2)
+        return {f"eval/{k}": float(v) for k, v in r.items()}
+
+    # --- export --------------------------------------------------------------------------------
+    def export(self, engine, out_dir: Path) -> None:
+        """LoRA adapter alone (`adapter/`) and the merged encoder in HF format (`merged/`)."""
+        module = engine.module
+        named = list(module.backbone.named_parameters())
+        sd: dict[str, torch.Tensor] = {}
+        want = [(n, p) for n, p in named if p.requires_grad] if self.cfg.lora.enabled else named
+        if self.zero == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in want], modifier_rank=None):
+                if self.rank == 0:
+                    sd = {n: p.detach().float().cpu().clone() for n, p in want}
+        elif self.rank == 0:
+            sd = {n: p.detach().float().cpu().clone() for n, p in want}
+        if self.rank == 0:
+            tmp = out_dir.parent / f".{out_dir.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._write_export(module, sd, tmp)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        D.barrier()
+
+    def _write_export(self, module, sd: dict[str, torch.Tensor], tmp: Path) -> None:
+        cfg = self.cfg
+        tok = self.ptok.tok
+        if cfg.lora.enabled:
+            from peft import get_peft_model_state_dict
+
+            adapter_sd = get_peft_model_state_dict(module.backbone, state_dict=sd)
+            if not adapter_sd or all(t.numel() == 0 for t in adapter_sd.values()):
+                raise RuntimeError("the gathered LoRA adapter is empty; refusing to write it")
+            module.backbone.save_pretrained(str(tmp / "adapter"), state_dict=adapter_sd)
+            # merged = fresh base (no ZeRO partitioning) + adapter
+            if self._hf_ds is not None:
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
+                self._hf_ds = None
+            from peft import PeftModel
+
+            base = load_backbone(cfg.text, dtype=torch.float32)
+            merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
+        else:
+            merged = load_backbone(cfg.text, dtype=torch.float32)
+            merged.load_state_dict(sd, strict=False)
+        merged.config.is_causal = cfg.text.attention == "causal"
+        merged.save_pretrained(str(tmp / "merged"))
+        tok.save_pretrained(str(tmp / "merged"))
+        info = {"base_model": str(Path(cfg.text.model_path).resolve()), "lora": cfg.lora.enabled,
+                "pooling": cfg.text.pooling, "attention": cfg.text.attention, "template": cfg.text.template,
+                "query_instruction": cfg.data.query_instruction, "max_length": cfg.text.max_length,
+                "padding_side": cfg.text.padding_side, "hidden_size": int(merged.config.hidden_size)}
+        atomic_write_text(tmp / "merged" / "llm2clip_text.json", json.dumps(info, indent=1))
+
+
+def run_stage1(cfg: Stage1Config) -> dict:
+    D.init_distributed(single_process_group=True)
+    task = Stage1Task(cfg)
+    return Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
