@@ -48,6 +48,14 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def ensure_deepspeed_comm() -> None:
+    """deepspeed.comm wraps the process group torch.distributed already has; DeepSpeedConfig (also
+    HfDeepSpeedConfig) reads the world size from it, so call this before building either."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
 def resolve_precision(train: TrainConfig) -> str:
     if train.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
@@ -134,8 +142,8 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_multiplier(s, self.optim_cfg, self.train_cfg.max_steps))
         ds_cfg = build_ds_config(self.train_cfg, self.optim_cfg, D.get_world_size())
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
-                                               dist_init_required=False)
+        ensure_deepspeed_comm()
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         C.install_safe_loader(engine)
         return engine, ds_cfg
 

@@ -180,6 +180,12 @@ l2c_run_torchrun() {
     exec "${full[@]}"
 }
 
+# True when Slurm is ending the job for its time limit (Reason=TimeLimit, also while COMPLETING).
+# A checkpoint that finished only after the time limit still deserves a requeue.
+l2c_hit_time_limit() {
+    scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -q 'Reason=TimeLimit'
+}
+
 l2c_run_srun() {
     local dry_run=$1; shift
     [[ -n ${SLURM_JOB_ID:-} ]] || l2c_die "LLM2CLIP_LAUNCHER=srun needs a Slurm allocation (SLURM_JOB_ID unset)"
@@ -237,6 +243,7 @@ l2c_run_srun() {
     # forwards them to every task. Signals aimed at the steps (`--signal=USR1@120`, plain
     # `scancel --signal=USR1`) reach the tasks without us.
     local srun_pid rc
+    L2C_GOT_TERM=0
     "${srun_cmd[@]}" &
     srun_pid=$!
     # shellcheck disable=SC2064
@@ -244,7 +251,7 @@ l2c_run_srun() {
     # shellcheck disable=SC2064
     trap "l2c_log 'batch shell got SIGUSR2, forwarding to srun'; kill -USR2 $srun_pid 2>/dev/null || true" USR2
     # shellcheck disable=SC2064
-    trap "l2c_log 'batch shell got SIGTERM, forwarding to srun'; kill -TERM $srun_pid 2>/dev/null || true" TERM
+    trap "L2C_GOT_TERM=1; l2c_log 'batch shell got SIGTERM, forwarding to srun'; kill -TERM $srun_pid 2>/dev/null || true" TERM
     while :; do
         wait "$srun_pid"
         rc=$?
@@ -257,6 +264,11 @@ l2c_run_srun() {
         local restarts=${SLURM_RESTART_COUNT:-0} max=${LLM2CLIP_MAX_RESTARTS:-100}
         if [[ ${LLM2CLIP_NO_REQUEUE:-0} == 1 ]]; then
             l2c_log "checkpointed (exit $rc); LLM2CLIP_NO_REQUEUE=1, not requeueing"
+        elif [[ $L2C_GOT_TERM == 1 ]] && ! l2c_hit_time_limit; then
+            # SIGTERM on the batch shell and no time limit: the job is being cancelled (scancel).
+            # Slurm accepts `scontrol requeue` even for a cancelled job, so requeueing here would
+            # turn every scancel into a restart.
+            l2c_log "checkpointed (exit $rc) while the job was being cancelled: not requeueing; resubmit to resume"
         elif (( restarts >= max )); then
             l2c_log "checkpointed (exit $rc) but the job was already restarted $restarts times (LLM2CLIP_MAX_RESTARTS=$max): not requeueing"
         elif scontrol requeue "$SLURM_JOB_ID"; then

@@ -80,11 +80,21 @@ def missing_requirements() -> list[str]:
     return []
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent_fn():
+    """A preexec_fn giving the child SIGTERM when we die (PR_SET_PDEATHSIG).
+
+    ctypes is resolved here, in the parent: the child may already run as user munge, which cannot
+    read modules under /root.
+    """
     import ctypes
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
 
 
 def _free_port() -> int:
@@ -402,7 +412,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         log_path = log_path or self.log_dir / f"{name}.out"
         env = self.env
         if self.die_with_parent:
-            popen_kw["preexec_fn"] = _die_with_parent
+            popen_kw["preexec_fn"] = _die_with_parent_fn()
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -74,7 +74,8 @@ def retrieval_metrics(
     if n_img == 0 or n_txt == 0:
         raise ValueError(f"empty similarity matrix {tuple(sim.shape)}")
     if t2i.min() < 0 or t2i.max() >= n_img:
-        raise ValueError(f"txt_to_img values must lie in [0, {n_img - 1}], got range [{int(t2i.min())}, {int(t2i.max())}]")
+        raise ValueError(f"txt_to_img values must lie in [0, {n_img - 1}], "
+                         f"got range [{int(t2i.min())}, {int(t2i.max())}]")
     caps_per_img = torch.bincount(t2i, minlength=n_img)
     if (caps_per_img == 0).any():
         bad = torch.nonzero(caps_per_img == 0).flatten()[:5].tolist()
@@ -217,7 +218,8 @@ def caption_retrieval_accuracy(
         ``cra_lenient >= cra`` always.
     """
     if emb1.dim() != 2 or emb2.dim() != 2 or emb1.shape != emb2.shape:
-        raise ValueError(f"emb1 and emb2 must both be [N, D] of equal shape, got {tuple(emb1.shape)} and {tuple(emb2.shape)}")
+        raise ValueError(f"emb1 and emb2 must both be [N, D] of equal shape, "
+                         f"got {tuple(emb1.shape)} and {tuple(emb2.shape)}")
     n = emb1.shape[0]
     if n < 1:
         raise ValueError("CRA needs at least one caption pair")

@@ -64,7 +64,8 @@ class RetrievalSet:
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.txt_to_img):
-            raise ValueError(f"{self.name}: {len(self.captions)} captions but {len(self.txt_to_img)} txt_to_img entries")
+            raise ValueError(f"{self.name}: {len(self.captions)} captions but "
+                             f"{len(self.txt_to_img)} txt_to_img entries")
         if self.txt_to_img and (min(self.txt_to_img) < 0 or max(self.txt_to_img) >= len(self.image_paths)):
             raise ValueError(f"{self.name}: txt_to_img refers to images outside [0, {len(self.image_paths)})")
 
@@ -210,7 +211,8 @@ def _iter_json_array(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[in
                 line_base += buf.count("\n")
                 buf, pos = f.read(chunk_chars), 0
                 if not buf:
-                    raise AnnotationError(f"{path}: unexpected end of file inside the JSON array (after element {index})")
+                    raise AnnotationError(f"{path}: unexpected end of file inside the JSON array "
+                                          f"(after element {index})")
             if not started:
                 if buf[pos] != "[":
                     raise AnnotationError(f"{path}:{line_base + buf.count(chr(10), 0, pos)}: expected a JSON list")
@@ -241,7 +243,8 @@ def _get(obj: Any, key: str, where: str, typ: type | tuple = str) -> Any:
         raise AnnotationError(f"{where}: missing field {key!r} (fields present: {sorted(obj)[:10]})")
     val = obj[key]
     if not isinstance(val, typ):
-        raise AnnotationError(f"{where}: field {key!r} should be {getattr(typ, '__name__', typ)}, got {type(val).__name__}")
+        want = getattr(typ, "__name__", typ)
+        raise AnnotationError(f"{where}: field {key!r} should be {want}, got {type(val).__name__}")
     return val
 
 
@@ -334,6 +337,7 @@ def _parse_classnames(path: str, keys: list[str] | None) -> list[str]:
 
 
 def _resolve_classnames(classnames: Any, keys: list[str] | None, search_dirs: list[str], n_min: int = 0) -> list[str]:
+    source = "classnames option"
     if isinstance(classnames, (list, tuple)):
         names = list(classnames)
     elif classnames in ("imagenet", "openai_imagenet"):
@@ -341,24 +345,24 @@ def _resolve_classnames(classnames: Any, keys: list[str] | None, search_dirs: li
     elif isinstance(classnames, str):
         if not os.path.isfile(classnames):
             raise FileNotFoundError(f"classnames file not found: {classnames}")
-        names = _parse_classnames(classnames, keys)
+        names, source = _parse_classnames(classnames, keys), classnames
     else:
         found = _find_file(["classnames.txt"], search_dirs)
         if found:
-            names = _parse_classnames(found, keys)
+            names, source = _parse_classnames(found, keys), found
         elif keys is not None and len(keys) == 1000 and all(re.fullmatch(r"n\d{8}", k) for k in keys):
             names = list(IMAGENET_CLASSNAMES)  # ImageNet-1k wnid folders, sorted = OpenAI order
         elif keys is not None and not all(re.fullmatch(r"n\d{8}", k) for k in keys):
-            names = list(keys)
+            names, source = list(keys), "folder names"
         else:
             raise AnnotationError(
                 f"no class names found (looked for classnames.txt in {search_dirs}); pass classnames= a list, "
                 "a file, or 'imagenet'"
             )
     if keys is not None and len(names) != len(keys):
-        raise AnnotationError(f"{len(names)} class names for {len(keys)} classes")
+        raise AnnotationError(f"{source}: {len(names)} class names for {len(keys)} classes")
     if len(names) < n_min:
-        raise AnnotationError(f"{len(names)} class names but labels go up to {n_min - 1}")
+        raise AnnotationError(f"{source}: {len(names)} class names but labels go up to {n_min - 1}")
     return names
 
 
@@ -440,7 +444,8 @@ def _wds_shards(path: str, split: str) -> tuple[list[str], list[str]]:
         shards = [os.path.join(tar_dir, f"{i}.tar") for i in range(int(text))]
         absent = [s for s in shards if not os.path.isfile(s)]
         if absent:
-            raise FileNotFoundError(f"{len(absent)} of {len(shards)} shards listed by {nshards_file} are missing: {absent[:5]}")
+            raise FileNotFoundError(f"{len(absent)} of {len(shards)} shards listed by {nshards_file} "
+                                    f"are missing: {absent[:5]}")
     else:
         shards = sorted((os.path.join(tar_dir, f) for f in os.listdir(tar_dir) if f.endswith(".tar")), key=_natural_key)
     if not shards:
@@ -591,7 +596,7 @@ def read_urban1k(path: str, name: str | None = None) -> RetrievalSet:
         stem = fn[: -len(".txt")]
         img = os.path.join(img_dir, stem + ".jpg")
         if not os.path.isfile(img):
-            alt = [os.path.join(img_dir, stem + e) for e in IMAGE_EXTENSIONS if os.path.isfile(os.path.join(img_dir, stem + e))]
+            alt = [p for p in (os.path.join(img_dir, stem + e) for e in IMAGE_EXTENSIONS) if os.path.isfile(p)]
             img = alt[0] if alt else img
         items.append((img, [first]))
     return _build_retrieval(name or "urban1k", items)
@@ -672,7 +677,8 @@ def _detect_cn_layout(path: str, split: str, layout: str, candidates: dict[str, 
     for lay, present in candidates.items():
         if present():
             return lay
-    raise FileNotFoundError(f"{path}: no known layout for split {split!r} (looked for: {list(candidates)}); see docs/EVALUATION.md")
+    raise FileNotFoundError(f"{path}: no known layout for split {split!r} (looked for: {list(candidates)}); "
+                            "see docs/EVALUATION.md")
 
 
 def read_flickr_cn(path: str, split: str = "test", images_root: str | None = None, layout: str = "auto",

@@ -12,7 +12,7 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
-from llm2clip.engine import Trainer, build_ds_config, resolve_precision
+from llm2clip.engine import Trainer, build_ds_config, ensure_deepspeed_comm, resolve_precision
 from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
 from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
@@ -70,6 +70,7 @@ class Stage1Task:
             # each parameter as it loads (the object must stay alive while the model loads).
             from transformers.integrations import HfDeepSpeedConfig
 
+            ensure_deepspeed_comm()
             self._hf_ds = HfDeepSpeedConfig(build_ds_config(cfg.train, cfg.optim, self.world))
         enc, self.ptok = build_text_encoder(cfg.text, dtype=dtype)
         backbone = enc.backbone

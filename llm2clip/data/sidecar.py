@@ -1,0 +1,400 @@
+"""Sidecar embedding shards: the contract between the embed step and stage 2.
+
+For an image shard `X.tar` the sidecar `S.tar` (see `sidecar_path_for`) holds, in the image shard's
+key order, one member per sample and caption field: `KEY.<field>.npy`, a `numpy.lib.format` array of
+shape [width] (dtype and shape in its header; never pickled). A sample with no caption for a field
+has no member for it. `S.manifest.json`, written after the tar is complete, records the sample
+count, fields, width, dtype, the encoder fingerprint and the tar's sha256: a shard counts as done
+only when its manifest exists and validates, so a killed writer never leaves a shard that looks
+complete. Each sidecar directory also gets an `index.json` (see docs/EMBED.md).
+
+`iter_joined` merges an image shard with its sidecar by key while streaming both.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from llm2clip.config import atomic_write_text
+from llm2clip.data.shards import ReadStats, iter_tar_samples, split_key
+from llm2clip.schema_embed import field_name
+
+log = logging.getLogger("llm2clip")
+
+FORMAT = "llm2clip-sidecar/1"
+INDEX_FORMAT = "llm2clip-sidecar-index/1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SidecarError(RuntimeError):
+    """A sidecar is missing, incomplete or corrupt; the message names it and says what to do."""
+
+
+class SidecarMismatchError(SidecarError):
+    """A sidecar was written by another encoder (or with other fields/dtype) than the config expects."""
+
+
+# --- naming ----------------------------------------------------------------------------------
+def sidecar_path_for(image_shard: str, cfg: Any) -> str:
+    """Sidecar path of an image shard under a SidecarConfig-like `cfg` (out_dir, image_root, suffix)."""
+    name = os.path.basename(image_shard)
+    stem = name[:-4] if name.endswith(".tar") else name
+    fname = f"{stem}{cfg.suffix}.tar"
+    if not cfg.out_dir:
+        if not cfg.suffix:
+            raise SidecarError("a sidecar beside its image shard needs a suffix (e.g. output.suffix=_emb)")
+        return os.path.join(os.path.dirname(image_shard), fname)
+    if not cfg.image_root:
+        return os.path.join(cfg.out_dir, fname)
+    rel = os.path.relpath(os.path.dirname(os.path.abspath(image_shard)), os.path.abspath(cfg.image_root))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise SidecarError(f"image shard {image_shard} is not under output.image_root={cfg.image_root}; "
+                           "set image_root to a folder that contains every image shard")
+    return os.path.normpath(os.path.join(cfg.out_dir, rel, fname))
+
+
+def manifest_path(sidecar: str | os.PathLike) -> Path:
+    p = Path(sidecar)
+    stem = p.name[:-4] if p.name.endswith(".tar") else p.name
+    return p.with_name(stem + ".manifest.json")
+
+
+def index_path_for(sidecar: str | os.PathLike, cfg: Any) -> Path:
+    """`index.json` in the sidecar's folder (`index<suffix>.json` when sidecars sit beside images)."""
+    return Path(sidecar).parent / ("index.json" if cfg.out_dir else f"index{cfg.suffix}.json")
+
+
+# --- arrays ----------------------------------------------------------------------------------
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes, width: int | None = None, dtype: str | None = None) -> np.ndarray:
+    """Parse one `.npy` member (never unpickles); ValueError if it is not a [width] array of dtype."""
+    arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    if arr.ndim != 1 or (width is not None and arr.shape[0] != width):
+        raise ValueError(f"shape {arr.shape}, expected ({width},)")
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise ValueError(f"dtype {arr.dtype}, expected {dtype}")
+    return arr
+
+
+# --- writing ---------------------------------------------------------------------------------
+class _HashingFile(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def write_sidecar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, np.ndarray]]],
+                  fields: list[str], width: int, dtype: str, fingerprint: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write sidecar `path` + its manifest atomically; returns the manifest.
+
+    `samples`: (key, {field name: array [width]}) for EVERY image key in shard order; a field absent
+    from the dict gets no member and is listed under manifest["missing"][field]. The old manifest is
+    removed first and the new one written last, so a crash leaves no shard that validates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    man_path = manifest_path(path)
+    man_path.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    missing: dict[str, list[str]] = {f: [] for f in fields}
+    count = image_samples = 0
+    prev, keys_sorted = None, True
+    try:
+        with open(tmp, "wb") as raw:
+            hf = _HashingFile(raw)
+            with tarfile.open(fileobj=hf, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                for key, embs in samples:
+                    image_samples += 1
+                    keys_sorted = keys_sorted and (prev is None or key > prev)
+                    prev = key
+                    wrote = False
+                    for f in fields:
+                        arr = embs.get(f)
+                        if arr is None:
+                            missing[f].append(key)
+                            continue
+                        if arr.shape != (width,) or arr.dtype != np.dtype(dtype):
+                            raise ValueError(f"{path}: {key}.{f} has shape {arr.shape} dtype {arr.dtype}, "
+                                             f"expected ({width},) {dtype}")
+                        data = encode_npy(arr)
+                        tf.addfile(_tarinfo(f"{key}.{f}.npy", len(data)), io.BytesIO(data))
+                        wrote = True
+                    count += wrote
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    manifest = {"format": FORMAT, "sidecar": path.name, "members": "KEY.<field>.npy", "count": count,
+                "image_samples": image_samples, "fields": list(fields), "width": int(width), "dtype": dtype,
+                "fingerprint": fingerprint, "sha256": hf.h.hexdigest(), "bytes": hf.n,
+                "keys_sorted": keys_sorted, "missing": missing, **(extra or {})}
+    atomic_write_text(man_path, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def remove_stale_temps(sidecar: str | os.PathLike) -> int:
+    """Delete `.S.tar.tmp.*` files a killed writer left behind; returns how many."""
+    p = Path(sidecar)
+    n = 0
+    for t in p.parent.glob(f".{p.name}.tmp.*"):
+        t.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+# --- validation ------------------------------------------------------------------------------
+def read_manifest(sidecar: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a sidecar, or None when absent or unreadable."""
+    mp = manifest_path(sidecar)
+    try:
+        m = json.loads(mp.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _count_keys(path: Path) -> int:
+    n, prev = 0, None
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            key, _ = split_key(m.name)
+            if key != prev:
+                n, prev = n + 1, key
+    return n
+
+
+def validate_sidecar(sidecar: str | os.PathLike, manifest: dict | None = None, verify: bool = True) -> str | None:
+    """None if the sidecar is complete and intact, else the reason it is not.
+
+    Always: manifest present, tar present with the recorded size. verify=True also checks the sha256
+    and the key count (reads the whole tar)."""
+    p = Path(sidecar)
+    m = manifest if manifest is not None else read_manifest(p)
+    if m is None:
+        return f"no valid manifest {manifest_path(p).name} (unfinished, killed, or not a sidecar)"
+    if not p.is_file():
+        return "manifest present but the tar is missing"
+    size = p.stat().st_size
+    if size != m.get("bytes"):
+        return f"size {size} bytes != {m.get('bytes')} in the manifest (truncated or rewritten)"
+    if verify:
+        if _sha256(p) != m.get("sha256"):
+            return "sha256 differs from the manifest (tampered or corrupt)"
+        try:
+            n = _count_keys(p)
+        except (tarfile.TarError, OSError) as e:
+            return f"unreadable tar ({e})"
+        if n != m.get("count"):
+            return f"{n} keys in the tar != count {m.get('count')} in the manifest"
+    return None
+
+
+def manifest_mismatch(m: dict, fingerprint: str | None = None, fields: list[str] | None = None,
+                      dtype: str | None = None, exact_fields: bool = False) -> str | None:
+    """Why a (valid) manifest does not belong to this encoder/layout, or None. `fields` are member
+    names; they must all be present (and be exactly the manifest's fields if `exact_fields`)."""
+    if fingerprint is not None and m.get("fingerprint") != fingerprint:
+        return f"encoder fingerprint {m.get('fingerprint')} != expected {fingerprint}"
+    if fields is not None:
+        have = list(m.get("fields", []))
+        if exact_fields and have != list(fields):
+            return f"fields {have} != configured {list(fields)}"
+        lack = [f for f in fields if f not in have]
+        if lack:
+            return f"fields {have} lack {lack}"
+    if dtype is not None and m.get("dtype") != dtype:
+        return f"dtype {m.get('dtype')} != configured {dtype}"
+    return None
+
+
+def open_sidecar(sidecar: str, expected_fingerprint: str | None = None, verify: bool = False) -> dict[str, Any]:
+    """Manifest of a complete sidecar; raises SidecarError / SidecarMismatchError otherwise."""
+    m = read_manifest(sidecar)
+    reason = validate_sidecar(sidecar, m, verify=verify)
+    if reason:
+        raise SidecarError(f"sidecar {sidecar}: {reason}; re-run the embed step (tools/embed_captions.py) "
+                           "to (re)write it")
+    if expected_fingerprint and m["fingerprint"] != expected_fingerprint:
+        raise SidecarMismatchError(
+            f"sidecar {sidecar} was written by encoder fingerprint {m['fingerprint']}, but the config expects "
+            f"{expected_fingerprint}: embed the captions with this encoder (tools/embed_captions.py) or point "
+            "the config at the sidecars of the encoder it names")
+    return m
+
+
+def check_sidecars(image_shards: list[str], cfg: Any, expected_fingerprint: str | None = None,
+                   fields: list[str] | None = None, verify: bool = True,
+                   threads: int = 8) -> tuple[list[str], list[tuple[str, str]]]:
+    """Before training: (image shards whose sidecar is missing/unfinished, [(image shard, reason)] for
+    sidecars that exist but are corrupt or from another encoder / lack a field)."""
+    want = [field_name(f) for f in fields] if fields else None
+
+    def one(img: str) -> tuple[str, str | None, bool]:
+        sc = sidecar_path_for(img, cfg)
+        m = read_manifest(sc)
+        if m is None or not Path(sc).is_file():
+            return img, None, True
+        reason = validate_sidecar(sc, m, verify=verify) or manifest_mismatch(m, expected_fingerprint or None, want)
+        return img, (f"{sc}: {reason}" if reason else None), False
+
+    missing: list[str] = []
+    invalid: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        for img, reason, absent in ex.map(one, image_shards):
+            if absent:
+                missing.append(img)
+            elif reason:
+                invalid.append((img, reason))
+    return missing, invalid
+
+
+# --- index -----------------------------------------------------------------------------------
+def load_index(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("format") == INDEX_FORMAT else None
+
+
+def write_index(path: str | os.PathLike, manifests: list[dict[str, Any]], encoder: dict[str, Any] | None = None) -> dict:
+    """Dataset-level summary of the sidecars in one folder (all from one encoder and layout)."""
+    manifests = sorted(manifests, key=lambda m: m["sidecar"])
+    first = manifests[0]
+    idx = {"format": INDEX_FORMAT, "fingerprint": first["fingerprint"], "fields": first["fields"],
+           "sources": first.get("sources", {}), "width": first["width"], "dtype": first["dtype"],
+           "shards": len(manifests), "samples": sum(m["count"] for m in manifests),
+           "missing": {f: sum(len(m["missing"].get(f, [])) for m in manifests) for f in first["fields"]},
+           "encoder": encoder or {},
+           "entries": [{"sidecar": m["sidecar"], "image_shard": m.get("image_shard", ""), "count": m["count"],
+                        "image_samples": m["image_samples"], "sha256": m["sha256"]} for m in manifests]}
+    atomic_write_text(path, json.dumps(idx, indent=1))
+    return idx
+
+
+# --- reading / joining -----------------------------------------------------------------------
+@dataclass
+class JoinStats:
+    joined: int = 0
+    image_only: int = 0  # image sample without any requested embedding (caption missing, dropped)
+    sidecar_only: int = 0  # embeddings whose key the image shard does not have
+    no_image: int = 0  # key on both sides but no image member
+    missing_field: dict[str, int] = field(default_factory=dict)  # joined, but this field absent/bad
+    bad_embedding: list[str] = field(default_factory=list)  # "sidecar:member" that failed to decode
+    read_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"joined": self.joined, "image_only": self.image_only, "sidecar_only": self.sidecar_only,
+                "no_image": self.no_image, "missing_field": dict(self.missing_field),
+                "bad_embedding": len(self.bad_embedding), "read_errors": len(self.read_errors)}
+
+
+def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None = None,
+                expected_fingerprint: str | None = None, stats: JoinStats | None = None,
+                image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[dict[str, Any]]:
+    """Stream {"__key__", "__shard__", "jpg": image bytes (undecoded), "emb": {field: array [width]}}.
+
+    A merge-join on key that holds one sample per side in memory. Keys on one side only are skipped
+    and counted in `stats`; so are samples without an image member. An undecodable embedding member
+    is skipped with a warning naming it; the sample is still yielded if another requested field
+    decoded. `fields`: specs ("json:dense") or member names ("dense"); None = all in the manifest.
+    Raises SidecarError (incomplete/corrupt sidecar) or SidecarMismatchError (other encoder / field).
+    """
+    stats = stats if stats is not None else JoinStats()
+    m = open_sidecar(sidecar_shard, expected_fingerprint)
+    names = [field_name(f) for f in fields] if fields else list(m["fields"])
+    absent = [n for n in names if n not in m["fields"]]
+    if absent:
+        raise SidecarMismatchError(f"sidecar {sidecar_shard} has fields {m['fields']}, not {absent}; embed them "
+                                   "(data.fields in the embed config) or change the requested fields")
+    width, dtype = m["width"], m["dtype"]
+    by_order = bool(m.get("keys_sorted"))  # else: sidecar keys are a subsequence of image keys
+    rs_img, rs_sc = ReadStats(), ReadStats()
+    imgs = iter_tar_samples(image_shard, rs_img, want=set(image_exts))
+    embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names})
+    img, sc = next(imgs, None), next(embs, None)
+    try:
+        while img is not None and sc is not None:
+            ki, ks = img["__key__"], sc["__key__"]
+            if ki == ks:
+                out = _decode_sample(sc, names, width, dtype, sidecar_shard, stats)
+                image = next((img[e] for e in image_exts if e in img), None)
+                if image is None:
+                    stats.no_image += 1
+                elif not out:
+                    stats.image_only += 1
+                else:
+                    stats.joined += 1
+                    yield {"__key__": ki, "__shard__": image_shard, "jpg": image, "emb": out}
+                img, sc = next(imgs, None), next(embs, None)
+            elif by_order and ks < ki:
+                stats.sidecar_only += 1
+                sc = next(embs, None)
+            else:
+                stats.image_only += 1
+                img = next(imgs, None)
+        while img is not None:
+            stats.image_only += 1
+            img = next(imgs, None)
+        while sc is not None:
+            stats.sidecar_only += 1
+            sc = next(embs, None)
+    finally:
+        stats.read_errors.extend(rs_img.read_errors + rs_sc.read_errors)
+
+
+def _decode_sample(sc: dict, names: list[str], width: int, dtype: str, path: str,
+                   stats: JoinStats) -> dict[str, np.ndarray]:
+    out = {}
+    for n in names:
+        data = sc.get(f"{n}.npy")
+        if data is None:
+            stats.missing_field[n] = stats.missing_field.get(n, 0) + 1
+            continue
+        try:
+            out[n] = decode_npy(data, width, dtype)
+        except (ValueError, OSError, EOFError) as e:
+            member = f"{path}:{sc['__key__']}.{n}.npy"
+            log.warning(f"undecodable embedding {member} ({e}); skipped")
+            stats.bad_embedding.append(member)
+            stats.missing_field[n] = stats.missing_field.get(n, 0) + 1
+    return out

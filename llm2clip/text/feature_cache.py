@@ -1,0 +1,367 @@
+"""Text features computed once: encoder fingerprints, token-budget batching, an on-disk feature cache.
+
+- `encoder_fingerprint(text_cfg, instruction)`: a content hash of everything that determines a
+  caption's embedding (model config + weight files, tokenizer files, LoRA adapter, pooling, template,
+  instruction, max_length, attention). File hashes are memoised by (path, size, mtime, inode), in
+  memory and in a small JSON file, so an 8B model is read once, not once per job or per rank.
+- `plan_batches` / `encode_bucketed`: captions sorted by length and packed up to a token budget,
+  so padding is a small fraction of the tokens. Results do not depend on the batching (within
+  floating-point noise): each caption's attention is masked to its own tokens.
+- `cached_text_features(texts, ...)`: embeddings from a cache keyed by the fingerprint and the
+  text's sha256, computing only the missing ones; when nothing is missing the LLM is never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from llm2clip.config import atomic_write_text
+from llm2clip.schema import TEMPLATES, TextEncoderConfig
+
+log = logging.getLogger("llm2clip")
+
+# config.json keys that do not change the math (or are covered by the weight hashes)
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                         "use_cache", "is_causal", "_commit_hash", "base_model_name_or_path", "revision"}
+_WEIGHTS_PRIMARY = (".safetensors",)
+_WEIGHTS_FALLBACK = (".bin", ".pt", ".pth", ".gguf")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+# --- fingerprints ----------------------------------------------------------------------------
+class FileHashCache:
+    """sha256 of files, memoised by (real path, size, mtime_ns, inode).
+
+    `path`: a JSON file that persists the memo across jobs; default $LLM2CLIP_HASH_CACHE or
+    ~/.cache/llm2clip/file_sha256.json; "off" (or an unwritable place) keeps it in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        path = path if path is not None else os.environ.get(
+            "LLM2CLIP_HASH_CACHE", str(Path.home() / ".cache" / "llm2clip" / "file_sha256.json"))
+        self.path = None if str(path) in ("", "off") else Path(path)
+        self.memo: dict[str, str] = {}
+        self.hashed_bytes = 0  # bytes actually read (0 when everything came from the memo)
+        if self.path is not None and self.path.is_file():
+            try:
+                self.memo = dict(json.loads(self.path.read_text()))
+            except (OSError, ValueError, TypeError):
+                self.memo = {}
+
+    @staticmethod
+    def _key(p: Path) -> str:
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        p = Path(path)
+        key = self._key(p)
+        if key not in self.memo:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 23):
+                    h.update(chunk)
+                    self.hashed_bytes += len(chunk)
+            self.memo[key] = h.hexdigest()
+            self._save()
+        return self.memo[key]
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:  # merge with what other jobs wrote meanwhile; losing a race only costs a re-hash
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            atomic_write_text(self.path, json.dumps({**on_disk, **self.memo}))
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+def _canonical_json_sha(path: Path) -> str:
+    d = json.loads(path.read_text())
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(_NOT_WEIGHTS))
+    primary = [p for p in files if p.name.endswith(_WEIGHTS_PRIMARY)]
+    return primary or [p for p in files if p.name.endswith(_WEIGHTS_FALLBACK)]
+
+
+def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
+                       hashes: FileHashCache | None = None) -> dict[str, Any]:
+    """What the fingerprint hashes: contents only (no paths), so a copied model keeps its fingerprint."""
+    hashes = hashes or FileHashCache()
+    model = Path(cfg.model_path)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"text.model_path={model} is not a HuggingFace model folder (no config.json)")
+    weights = _weight_files(model)
+    if not weights:
+        raise FileNotFoundError(f"no weight files (*.safetensors / *.bin) in text.model_path={model}")
+    tok = Path(cfg.tokenizer_path or cfg.model_path)
+    rec: dict[str, Any] = {
+        "version": 1,
+        "model": {"config": _canonical_json_sha(model / "config.json"),
+                  "weights": {p.name: hashes.sha256(p) for p in weights}},
+        "tokenizer": {n: hashes.sha256(tok / n) for n in _TOKENIZER_FILES if (tok / n).is_file()},
+        "lora": None,
+        "pooling": cfg.pooling, "attention": cfg.attention, "template": TEMPLATES.get(cfg.template, cfg.template),
+        "instruction": instruction, "max_length": cfg.max_length,
+    }
+    if cfg.lora_path:
+        lora = Path(cfg.lora_path)
+        if not (lora / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"text.lora_path={lora} has no adapter_config.json")
+        rec["lora"] = {"config": _canonical_json_sha(lora / "adapter_config.json"),
+                       "weights": {p.name: hashes.sha256(p) for p in _weight_files(lora)}}
+    return rec
+
+
+def fingerprint_of(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def encoder_fingerprint(cfg: TextEncoderConfig, instruction: str = "", hashes: FileHashCache | None = None) -> str:
+    """64-hex content fingerprint of (encoder, instruction); see `fingerprint_record`."""
+    return fingerprint_of(fingerprint_record(cfg, instruction, hashes))
+
+
+# --- batching --------------------------------------------------------------------------------
+@dataclass
+class EncodeStats:
+    captions: int = 0
+    tokens: int = 0  # real tokens
+    padded_tokens: int = 0  # batch x longest, summed over batches (what the model computes)
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def add(self, o: "EncodeStats") -> None:
+        self.captions += o.captions
+        self.tokens += o.tokens
+        self.padded_tokens += o.padded_tokens
+        self.batches += o.batches
+        self.seconds += o.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"captions": self.captions, "tokens": self.tokens, "padded_tokens": self.padded_tokens,
+                "batches": self.batches, "padding_fraction": round(self.padding_fraction, 4),
+                "seconds": round(self.seconds, 3)}
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
+    """Indices grouped longest first, each batch's size x its longest length <= token_budget
+    (a single caption longer than the budget gets a batch of its own). Deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        if cur and ((len(cur) + 1) * longest > token_budget or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur = []
+        if not cur:
+            longest = lengths[i]
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Naive batching in input order (the baseline the benchmark compares against)."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
+def _forward(encoder, items, pad_id: int, padding_side: str, device) -> torch.Tensor:
+    from llm2clip.text.tokenize import collate
+
+    batch = collate(items, pad_id, padding_side).to(device)
+    try:
+        return encoder(batch.input_ids, batch.attention_mask, batch.embed_mask)
+    except torch.cuda.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+        batch = None
+        torch.cuda.empty_cache()
+        log.warning(f"CUDA OOM on a batch of {len(items)} captions; splitting it (lower batch.token_budget)")
+        h = len(items) // 2
+        return torch.cat([_forward(encoder, items[:h], pad_id, padding_side, device),
+                          _forward(encoder, items[h:], pad_id, padding_side, device)])
+
+
+@torch.inference_mode()
+def encode_bucketed(encoder, encoded: list[tuple[list[int], list[int]]], pad_id: int, padding_side: str,
+                    batches: list[list[int]], device: torch.device | str = "cpu",
+                    on_batch: Callable[[EncodeStats], None] | None = None) -> tuple[torch.Tensor, EncodeStats]:
+    """Embed pre-tokenised captions (`PromptTokenizer.encode_one` output) batch by batch.
+
+    Returns ([N, H] float32 on CPU, in input order; stats). `on_batch` gets each batch's stats."""
+    t0 = time.perf_counter()
+    stats = EncodeStats()
+    outs: list[torch.Tensor] = []
+    for idx in batches:
+        items = [encoded[i] for i in idx]
+        outs.append(_forward(encoder, items, pad_id, padding_side, device).float())
+        b = EncodeStats(len(idx), sum(len(x[0]) for x in items), len(idx) * max(len(x[0]) for x in items), 1)
+        stats.add(b)
+        if on_batch is not None:
+            on_batch(b)
+    H = int(encoder.hidden_size)
+    flat = torch.cat(outs).cpu() if outs else torch.zeros(0, H)
+    order = torch.tensor([i for idx in batches for i in idx], dtype=torch.long)
+    result = torch.empty_like(flat)
+    result[order] = flat
+    stats.seconds = time.perf_counter() - t0
+    return result, stats
+
+
+def encode_texts(encoder, ptok, texts: Sequence[str], instruction: str = "", token_budget: int = 16384,
+                 max_batch_size: int = 1024, device: torch.device | str = "cpu") -> tuple[torch.Tensor, EncodeStats]:
+    """Texts -> ([N, H] float32, stats) with token-budget batching of length-sorted captions."""
+    encoded = [ptok.encode_one(t, instruction) for t in texts]
+    batches = plan_batches([len(e[0]) for e in encoded], token_budget, max_batch_size)
+    return encode_bucketed(encoder, encoded, ptok.tok.pad_token_id, ptok.tok.padding_side, batches, device)
+
+
+# --- the cache -------------------------------------------------------------------------------
+CACHE_FORMAT = "llm2clip-text-features/1"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class TextFeatureCache:
+    """Append-only features of one fingerprint: `<dir>/text_features-<fp[:16]>.safetensors` (tensor
+    "features" [N, H] float32) + `.json` (fingerprint, width, count, keys = sha256 of each text).
+
+    The safetensors file is replaced before the json, and rows only ever get appended, so after a
+    crash between the two renames the first `count` rows are still the ones the json names.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
+        self.dir = Path(cache_dir)
+        self.fingerprint = fingerprint
+        stem = f"text_features-{fingerprint[:16]}"
+        self.tensor_path, self.meta_path = self.dir / f"{stem}.safetensors", self.dir / f"{stem}.json"
+        self.keys: list[str] = []
+        self.features = np.zeros((0, 0), dtype=np.float32)
+        self._load()
+        self.row = {k: i for i, k in enumerate(self.keys)}
+
+    def _load(self) -> None:
+        if not self.meta_path.is_file():
+            return
+        try:
+            from safetensors.numpy import load_file
+
+            meta = json.loads(self.meta_path.read_text())
+            feats = load_file(str(self.tensor_path))["features"]
+            n = int(meta["count"])
+            if meta.get("format") != CACHE_FORMAT or meta["fingerprint"] != self.fingerprint:
+                raise ValueError("written for another fingerprint")
+            if len(meta["keys"]) != n or feats.shape[0] < n or feats.shape[1] != meta["width"]:
+                raise ValueError(f"{feats.shape[0]} rows for {n} keys")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning(f"text feature cache {self.meta_path} unusable ({e}); starting it afresh")
+            return
+        self.keys, self.features = list(meta["keys"]), np.ascontiguousarray(feats[:n], dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, texts: Sequence[str]) -> list[int | None]:
+        """Row of each text in the cache, or None."""
+        return [self.row.get(text_key(t)) for t in texts]
+
+    def add(self, texts: Sequence[str], feats: np.ndarray) -> None:
+        feats = np.asarray(feats, dtype=np.float32)
+        if len(texts) != feats.shape[0]:
+            raise ValueError(f"{len(texts)} texts but {feats.shape[0]} feature rows")
+        if len(self) and feats.shape[1] != self.features.shape[1]:
+            raise ValueError(f"width {feats.shape[1]} != cached width {self.features.shape[1]}")
+        new = [(text_key(t), i) for i, t in enumerate(texts) if text_key(t) not in self.row]
+        if not new:
+            return
+        rows = feats[[i for _, i in new]]
+        self.features = rows if not len(self) else np.concatenate([self.features, rows])
+        for k, _ in new:
+            self.row.setdefault(k, len(self.keys))
+            self.keys.append(k)
+
+    def save(self) -> None:
+        from safetensors.numpy import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tensor_path.with_name(f".{self.tensor_path.name}.tmp.{os.getpid()}")
+        save_file({"features": np.ascontiguousarray(self.features)}, str(tmp))
+        os.replace(tmp, self.tensor_path)
+        atomic_write_text(self.meta_path, json.dumps({
+            "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "width": int(self.features.shape[1]),
+            "dtype": "float32", "count": len(self.keys), "keys": self.keys}))
+
+
+def cached_text_features(texts: Sequence[str], cache_dir: str | os.PathLike, text_cfg: TextEncoderConfig | None = None,
+                         instruction: str = "", fingerprint: str | None = None,
+                         encoder: Any = None, build_encoder: Callable[[], Any] | None = None,
+                         token_budget: int = 16384, max_batch_size: int = 1024,
+                         device: torch.device | str | None = None, sharded: bool = True) -> torch.Tensor:
+    """[len(texts), H] float32 raw pooled embeddings (not normalised), from the cache where possible.
+
+    The encoder is `encoder` (a (TextEncoder, PromptTokenizer) pair), else `build_encoder()`, else
+    `build_text_encoder(text_cfg)`; it is only built when some text is not cached. `fingerprint`
+    defaults to `encoder_fingerprint(text_cfg, instruction)` (hashing weight files, memoised). Under
+    torch.distributed with `sharded`, the missing texts are split over ranks and rank 0 writes the
+    cache; every rank gets the full result.
+    """
+    from llm2clip import distributed as D
+
+    if fingerprint is None:
+        if text_cfg is None:
+            raise ValueError("cached_text_features needs a fingerprint or a text_cfg to compute one")
+        fingerprint = D.broadcast_object(encoder_fingerprint(text_cfg, instruction) if D.get_rank() == 0 else None)
+    cache = TextFeatureCache(cache_dir, fingerprint)
+    rows = cache.lookup(texts)
+    missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))
+    if missing:
+        world, rank = (D.get_world_size(), D.get_rank()) if sharded else (1, 0)
+        mine = missing[rank::world]
+        if encoder is None:
+            if build_encoder is not None:
+                encoder = build_encoder()
+            else:
+                from llm2clip.text.encoder import build_text_encoder
+
+                enc, ptok = build_text_encoder(text_cfg)
+                dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+                encoder = (enc.to(dev).eval().requires_grad_(False), ptok)
+        enc, ptok = encoder
+        dev = device or next(enc.parameters()).device
+        feats, _ = encode_texts(enc, ptok, mine, instruction, token_budget, max_batch_size, dev) if mine else \
+            (torch.zeros(0, enc.hidden_size), None)
+        parts = D.all_gather_object((mine, feats.numpy())) if world > 1 else [(mine, feats.numpy())]
+        for ts, fs in parts:
+            if ts:
+                cache.add(ts, fs)
+        if D.get_rank() == 0 or not sharded:
+            cache.save()
+        if sharded:
+            D.barrier()
+        rows = cache.lookup(texts)
+    return torch.from_numpy(cache.features[np.asarray(rows, dtype=np.int64)].copy()) if texts else torch.zeros(0, 0)

@@ -1,0 +1,67 @@
+"""Typed config: YAML + dotted overrides, validation before anything heavy, helpful errors."""
+import pytest
+import yaml
+
+from llm2clip.config import ConfigError, load_config, save_config
+from llm2clip.schema import Stage1Config
+
+BASE = ["text.model_path=/m", "data.sources=[{path: /d/*.tar}]"]
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"optim": {"lr": 1e-3}, "text": {"model_path": "/x"},
+                                 "data": {"sources": [{"path": "/d/*.tar", "weight": 2}]}}))
+    cfg = load_config(Stage1Config, p, ["optim.lr=2e-4", "lora.r=8", "train.zero_stage=2"])
+    assert cfg.optim.lr == pytest.approx(2e-4)  # override wins over the file
+    assert cfg.lora.r == 8 and cfg.train.zero_stage == 2
+    assert cfg.data.sources[0].weight == 2.0 and cfg.data.sources[0].kind == "shards"
+    assert cfg.lora.alpha == 32 and cfg.loss.temperature == 0.02  # paper defaults
+
+
+def test_unknown_key_names_key_and_suggests(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Stage1Config, p, BASE)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "optim.lr" in msg and str(p) in msg
+
+
+def test_unknown_override_and_section():
+    with pytest.raises(ConfigError, match=r"lora\.rank.*Did you mean 'lora\.r"):
+        load_config(Stage1Config, None, BASE + ["lora.rank=4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'.*optim"):
+        load_config(Stage1Config, None, BASE + ["optimizer.lr=1"])
+
+
+def test_type_and_choice_errors():
+    with pytest.raises(ConfigError, match=r"train\.max_steps.*integer"):
+        load_config(Stage1Config, None, BASE + ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"text\.pooling.*not one of"):
+        load_config(Stage1Config, None, BASE + ["text.pooling=median"])
+    with pytest.raises(ConfigError, match=r"loss.*temperature must be > 0"):
+        load_config(Stage1Config, None, BASE + ["loss.temperature=0"])
+    with pytest.raises(ConfigError, match="model_path"):
+        load_config(Stage1Config, None, ["data.sources=[{path: /d}]"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Stage1Config, None, BASE + ["lora.r"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found.*nope.yaml"):
+        load_config(Stage1Config, tmp_path / "nope.yaml")
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = load_config(Stage1Config, None, BASE + ["optim.lr=3e-4"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(Stage1Config, tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_cli_rejects_bad_key_before_model_load(tmp_path):
+    from tests.helpers import ROOT, run_cmd
+    p = run_cmd(["python", str(ROOT / "tools/train_stage1.py"), "--set", "text.model_path=/m",
+                 "--set", "data.sources=[{path: /d}]", "--set", "optim.lrr=1"], check=False, timeout=60)
+    assert p.returncode != 0 and "optim.lrr" in p.stderr + p.stdout and "optim.lr" in p.stderr + p.stdout
