@@ -98,8 +98,11 @@ l2c_main() {
 
     if [[ -n ${LLM2CLIP_ENV_FILE:-} ]]; then
         [[ -f $LLM2CLIP_ENV_FILE ]] || l2c_die "LLM2CLIP_ENV_FILE=$LLM2CLIP_ENV_FILE does not exist"
+        # Activation scripts (conda, modules) often reference unset variables: relax -u for them.
+        set +u
         # shellcheck disable=SC1090
         source "$LLM2CLIP_ENV_FILE"
+        set -u
     fi
 
     local -a args
@@ -207,6 +210,7 @@ l2c_run_srun() {
     # Stale torchrun variables from the submitting shell must not override SLURM_PROCID.
     unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
 
+    # --kill-on-bad-exit=0: a rank exiting 42 must not get its peers SIGKILLed while they save.
     local -a srun_cmd=(srun --kill-on-bad-exit=0)
     # Slurm 22.05+ srun does not inherit --cpus-per-task from sbatch: pass it on explicitly.
     [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_cmd+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")

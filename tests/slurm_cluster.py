@@ -460,15 +460,22 @@ except ImportError:  # tools/slurm_local.py imports this module without pytest i
 
 if pytest is not None:
 
-    @pytest.fixture(scope="session")
-    def slurm(tmp_path_factory):
-        """A running LocalSlurm for the whole session; skipped (failed when CI=true) without Slurm."""
+    def require_slurm() -> None:
+        """Skip the calling test when a local cluster cannot run here; fail instead when CI=true."""
         problems = missing_requirements()
         if problems:
             msg = "real Slurm not available: " + "; ".join(problems)
             if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(msg + " (CI must install slurm-wlm and run as root)", pytrace=False)
+                pytest.fail(msg + " (CI must install slurm-wlm and run the tests as root)", pytrace=False)
             pytest.skip(msg)
+
+    @pytest.fixture(scope="session")
+    def slurm(tmp_path_factory):
+        """A running LocalSlurm for the whole session, stopped at the end even after failures.
+
+        Skipped without slurm-wlm or root (failed when CI=true).
+        """
+        require_slurm()
         cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
         try:
             cluster.start()

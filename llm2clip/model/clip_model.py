@@ -65,10 +65,11 @@ class LLM2CLIPModel(nn.Module):
             logit_scale_init = tower.logit_scale_init
         if logit_scale_init is None:
             logit_scale_init = math.log(10.0) if logit_bias else CLIP_LOGIT_SCALE_INIT
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        # shape [1], not a scalar: DeepSpeed cannot broadcast 0-dim parameters
+        self.logit_scale = nn.Parameter(torch.tensor([float(logit_scale_init)]))
         if logit_bias:
             b = logit_bias_init if logit_bias_init is not None else tower.logit_bias_init
-            self.logit_bias: nn.Parameter | None = nn.Parameter(torch.tensor(float(-10.0 if b is None else b)))
+            self.logit_bias: nn.Parameter | None = nn.Parameter(torch.tensor([float(-10.0 if b is None else b)]))
         else:
             self.logit_bias = None
 

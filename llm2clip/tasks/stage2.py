@@ -1,0 +1,264 @@
+"""Stage 2: train the vision tower + adapter against frozen-LLM caption embeddings (the LLM never runs
+in offline mode; in online mode a small frozen encoder runs in the loop)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from llm2clip import distributed as D
+from llm2clip.config import ConfigError
+from llm2clip.data.shards import expand_shards, iter_tar_samples, get_caption
+from llm2clip.data.sidecar import JoinStats, check_sidecars, iter_joined, load_index, read_manifest, sidecar_path_for
+from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader
+from llm2clip.data.transforms import eval_transform
+from llm2clip.engine import Trainer, resolve_precision
+from llm2clip.losses.clip import ClipLoss, SigLipLoss
+from llm2clip.model.clip_model import LLM2CLIPModel
+from llm2clip.optim_groups import param_groups_for_llm2clip
+from llm2clip.schema_embed import field_name
+from llm2clip.schema_stage2 import Stage2Config
+from llm2clip.vision.towers import build_vision_tower
+
+log = logging.getLogger("llm2clip")
+
+
+class MissingSidecarsError(FileNotFoundError):
+    pass
+
+
+def preflight_sidecars(cfg: Stage2Config) -> dict[str, Any]:
+    """Before any model loads: every image shard has a valid sidecar from one encoder with the fields we
+    need. Returns {"fingerprint", "width", "encoder"}. Runs the embed step when configured to."""
+    fields = list(dict.fromkeys(cfg.data.dense_fields + cfg.data.original_fields))
+    shards = [s for ds in dataset_shards(cfg.data.shards) for s in ds]
+    expected = cfg.data.fingerprint or None
+    missing, invalid = ([], []) if D.get_rank() else check_sidecars(shards, cfg.data.sidecar, expected, fields)
+    missing, invalid = D.broadcast_object((missing, invalid))
+    if (missing or invalid) and cfg.data.missing_sidecars == "embed":
+        log.info(f"{len(missing)} sidecars missing, {len(invalid)} invalid: running the embed step "
+                 f"({cfg.data.embed_config}) first")
+        from llm2clip.config import load_config
+        from llm2clip.schema_embed import EmbedConfig
+        from llm2clip.tasks.embed import run_embed
+
+        run_embed(load_config(EmbedConfig, cfg.data.embed_config))
+        missing, invalid = ([], []) if D.get_rank() else check_sidecars(shards, cfg.data.sidecar, expected, fields)
+        missing, invalid = D.broadcast_object((missing, invalid))
+    if missing or invalid:
+        lines = [f"  missing: {sidecar_path_for(s, cfg.data.sidecar)} (for {s})" for s in missing[:5]]
+        lines += [f"  invalid: {r}" for _, r in invalid[:5]]
+        raise MissingSidecarsError(
+            f"{len(missing)} of {len(shards)} image shards have no complete sidecar and {len(invalid)} have an "
+            f"invalid one:\n" + "\n".join(lines) + "\nRun the embed step first (python tools/embed_captions.py "
+            "--config <embed.yaml>, or sbatch slurm/embed.sh), or set data.missing_sidecars=embed with "
+            "data.embed_config=<embed.yaml>.")
+    manifests = [read_manifest(sidecar_path_for(s, cfg.data.sidecar)) for s in shards]
+    fps = {m["fingerprint"] for m in manifests}
+    widths = {m["width"] for m in manifests}
+    if len(fps) > 1 or len(widths) > 1:
+        raise ConfigError(f"data.shards: the sidecars come from {len(fps)} different encoders (fingerprints "
+                          f"{sorted(fps)[:3]}) / widths {sorted(widths)}; re-embed or set data.fingerprint")
+    fp, width = fps.pop(), widths.pop()
+    idx = load_index(Path(sidecar_path_for(shards[0], cfg.data.sidecar)).parent / "index.json") or {}
+    return {"fingerprint": fp, "width": width, "encoder": idx.get("encoder", {})}
+
+
+class Stage2Task:
+    name = "stage2"
+
+    def __init__(self, cfg: Stage2Config):
+        self.cfg = cfg
+        self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.online = cfg.text.mode == "online"
+        self.text_encoder = None
+        if self.online:
+            from llm2clip.text.encoder import build_text_encoder
+
+            enc, self.ptok = build_text_encoder(cfg.text.encoder, dtype=torch.float32)
+            self.text_encoder = enc.eval().requires_grad_(False)
+            self.sidecar_info = {"fingerprint": None, "width": enc.hidden_size,
+                                 "encoder": {"model_path": cfg.text.encoder.model_path}}
+        else:
+            self.sidecar_info = preflight_sidecars(cfg)
+        width = self.sidecar_info["width"]
+        if cfg.model.llm_dim is not None and cfg.model.llm_dim != width:
+            raise ConfigError(f"model.llm_dim={cfg.model.llm_dim} but the LLM embeddings are {width} wide "
+                              f"(sidecars of {cfg.data.shards}); drop model.llm_dim or re-embed with the right LLM")
+        self.llm_dim = width
+        self.states: dict[int, dict] = {}
+        self.consumed = 0
+        self.loss_fn = (ClipLoss(cfg.model.local_loss, cfg.model.gather_with_grad) if cfg.model.loss == "clip"
+                        else SigLipLoss())
+        self._val = None
+
+    # --- model ---------------------------------------------------------------------------------
+    def module(self) -> nn.Module:
+        c = self.cfg
+        tower = build_vision_tower(c.vision.kind, c.vision.path, image_size=c.vision.image_size,
+                                   grad_checkpointing=c.vision.gradient_checkpointing, freeze=c.vision.freeze,
+                                   freeze_first_k=c.vision.freeze_first_k,
+                                   use_pretrained_proj=c.vision.use_pretrained_proj)
+        info = dict(self.sidecar_info.get("encoder") or {})
+        info.setdefault("fingerprint", self.sidecar_info.get("fingerprint"))
+        if self.online:
+            info.update({"model_path": c.text.encoder.model_path, "pooling": c.text.encoder.pooling,
+                         "template": c.text.encoder.template, "max_length": c.text.encoder.max_length,
+                         "padding_side": c.text.encoder.padding_side})
+        torch.manual_seed(c.run.seed)  # identical fresh heads on every rank
+        self.model = LLM2CLIPModel(tower, self.llm_dim, c.model.embed_dim, c.model.adapter_blocks,
+                                   c.model.adapter_expansion, c.model.adapter_dropout,
+                                   logit_bias=c.model.loss == "siglip", text_encoder_info=info)
+        return self.model
+
+    def param_groups(self, module: nn.Module) -> list[dict]:
+        o = self.cfg.optim
+        groups = param_groups_for_llm2clip(module, o.lr, o.head_lr or o.lr, o.adapter_lr or o.lr, o.weight_decay,
+                                           o.layer_decay)
+        for g in groups:  # the engine takes lr as given when present
+            g.pop("lr_scale", None)
+        return groups
+
+    # --- data ----------------------------------------------------------------------------------
+    def batches(self, data_state: dict | None) -> Iterator[Any]:
+        c = self.cfg
+        tower = self.model.tower
+        start = data_state or {}
+        self.states = {int(k): v for k, v in start.get("workers", {}).items()}
+        self.consumed = int(start.get("batches", 0))
+        ds = Stage2Stream(c.data, c.train.micro_batch_size, c.run.seed, self.rank, self.world, tower.image_size,
+                          tower.mean, tower.std, self.online, start, self.sidecar_info.get("fingerprint"))
+        loader = make_loader(ds, c.data.num_workers)
+
+        def gen():
+            for b in loader:
+                self.states[b["_worker"]] = b["_state"]
+                self.consumed += 1
+                yield b
+        return gen()
+
+    def data_state(self) -> dict:
+        return {"workers": {str(k): v for k, v in self.states.items()}, "batches": self.consumed}
+
+    def _data_counters(self) -> dict[str, float]:
+        tot: dict[str, float] = {}
+        for st in self.states.values():
+            for k, v in st.get("stats", {}).items():
+                tot[f"data/{k}"] = tot.get(f"data/{k}", 0) + v
+        return tot
+
+    # --- step ----------------------------------------------------------------------------------
+    def _text_emb(self, batch, device) -> torch.Tensor:
+        if not self.online:
+            return batch["emb"].to(device)
+        with torch.no_grad():
+            tb = self.ptok(batch["captions"]).to(device)
+            self.text_encoder.to(device)
+            return self.text_encoder.encode(tb).float()
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
+        device = engine.device
+        dtype = torch.bfloat16 if resolve_precision(self.cfg.train) == "bf16" else torch.float32
+        pixels = batch["pixels"].to(device, dtype)
+        emb = self._text_emb(batch, device).to(dtype)
+        out = engine(pixels, emb)
+        loss = self.loss_fn(*out)
+        m = {"n_items": pixels.shape[0], "logit_scale": float(out[2].detach()), **self._data_counters()}
+        return loss, m, pixels.shape[0]
+
+    def after_optimizer_step(self, module: nn.Module) -> None:
+        module.clamp_logit_scale()
+
+    # --- eval ----------------------------------------------------------------------------------
+    def _load_val(self):
+        """Held-out (pixels, text embeddings) on every rank; small by construction (val_max_samples)."""
+        c = self.cfg
+        tower = self.model.tower
+        tf = eval_transform(tower.image_size, tower.mean, tower.std)
+        px, embs = [], []
+        fname = field_name(c.data.val_field)
+        for shard in expand_shards(c.data.val_shards):
+            if self.online:
+                it = ({"jpg": s.get("jpg"), "t": get_caption(s, c.data.val_field)} for s in
+                      iter_tar_samples(shard, want={"jpg", "txt", "json"}))
+            else:
+                it = ({"jpg": s["jpg"], "t": s["emb"].get(fname)} for s in
+                      iter_joined(shard, sidecar_path_for(shard, c.data.sidecar), [c.data.val_field],
+                                  self.sidecar_info.get("fingerprint"), JoinStats()))
+            for s in it:
+                if s["jpg"] is None or s["t"] is None:
+                    continue
+                try:
+                    with Image.open(io.BytesIO(s["jpg"])) as im:
+                        px.append(tf(im))
+                except Exception:  # noqa: BLE001 - counted by the eval tool; here just skipped
+                    continue
+                embs.append(s["t"])
+                if len(px) >= c.data.val_max_samples:
+                    break
+            if len(px) >= c.data.val_max_samples:
+                break
+        if self.online:
+            texts = embs
+            embs = [e for e in self._encode_captions(texts)]
+        return torch.stack(px), torch.as_tensor(np.stack([np.asarray(e, dtype=np.float32) for e in embs]))
+
+    def _encode_captions(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), 64):
+                out.append(self.text_encoder.encode(self.ptok(texts[i:i + 64])).float())
+        return torch.cat(out)
+
+    def evaluate(self, engine, step: int) -> dict[str, float]:
+        if not self.cfg.data.val_shards:
+            return {}
+        from llm2clip.eval.metrics import retrieval_metrics
+
+        if self._val is None:
+            self._val = self._load_val()
+        px, emb = self._val
+        n = px.shape[0]
+        per = -(-n // self.world)
+        lo, hi = self.rank * per, min(n, (self.rank + 1) * per)
+        module = engine.module
+        was = module.training
+        module.eval()
+        dtype = next(module.parameters()).dtype
+        img_f, txt_f = [], []
+        with torch.no_grad():
+            for i in range(lo, hi, 128):
+                j = min(hi, i + 128)
+                img_f.append(F.normalize(module.encode_image(px[i:j].to(engine.device, dtype)).float(), dim=-1))
+                txt_f.append(F.normalize(module.encode_text_embedding(emb[i:j].to(engine.device, dtype)).float(),
+                                         dim=-1))
+        module.train(was)
+        E = self.model.embed_dim
+        img = D.gather_no_grad(torch.cat(img_f) if img_f else torch.zeros(0, E, device=engine.device)).cpu()
+        txt = D.gather_no_grad(torch.cat(txt_f) if txt_f else torch.zeros(0, E, device=engine.device)).cpu()
+        r = retrieval_metrics(img @ txt.T, torch.arange(n), ks=(1, 5))
+        return {f"eval/{k}": float(v) for k, v in r.items()}
+
+    # --- export --------------------------------------------------------------------------------
+    def export(self, engine, out_dir: Path) -> None:
+        """The trained model (tower + projection + adapter) as safetensors + config, for evaluation."""
+        module = engine.module
+        if self.rank == 0:
+            sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+            module.save_pretrained(out_dir / "model", state_dict=sd)
+            (out_dir / "data_stats.json").write_text(json.dumps(self._data_counters(), indent=1))
+        D.barrier()
+
+
+def run_stage2(cfg: Stage2Config) -> dict:
+    D.init_distributed(single_process_group=True)
+    task = Stage2Task(cfg)
+    return Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
