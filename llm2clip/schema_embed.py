@@ -50,6 +50,7 @@ class SidecarConfig:
 class EmbedOutputConfig(SidecarConfig):
     dtype: Literal["float16", "float32"] = "float16"  # of the stored vectors (.npy); compute dtype is text.dtype
     overwrite: bool = False  # recompute every shard of the job, even valid ones or another encoder's
+    verify: Literal["sha256", "size"] = "sha256"  # how a rerun checks finished shards (size: no re-read)
 
 
 @dataclass

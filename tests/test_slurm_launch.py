@@ -162,7 +162,9 @@ def test_missing_slurm_skips_or_fails_in_ci(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- real Slurm
-REAL_SLURM = pytest.mark.slurm  # marker declared in pyproject.toml; `-m "not slurm"` deselects these
+def REAL_SLURM(test):
+    """Markers declared in pyproject.toml: `-m "not slurm"` (or "not slow") deselects these."""
+    return pytest.mark.slow(pytest.mark.slurm(test))
 
 
 class Job:

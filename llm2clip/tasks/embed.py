@@ -116,8 +116,17 @@ def check_export_settings(cfg: EmbedConfig) -> None:
         log.info(f"note: text.max_length={t.max_length} (stage 1 trained with {info['max_length']})")
 
 
-def _status(job: ShardJob, fp: str, names: list[str], dtype: str, overwrite: bool) -> tuple[str, str, dict | None]:
+def _status(job: ShardJob, fp: str, names: list[str], dtype: str, overwrite: bool,
+            verify: bool = True) -> tuple[str, str, dict | None]:
     """("done" | "todo" | "conflict", reason, manifest) for one shard."""
+    try:
+        return _status_unsafe(job, fp, names, dtype, overwrite, verify)
+    except OSError as e:  # unreadable sidecar: redo it rather than leave the other ranks waiting
+        return "todo", f"unreadable ({e})", None
+
+
+def _status_unsafe(job: ShardJob, fp: str, names: list[str], dtype: str, overwrite: bool,
+                   verify: bool) -> tuple[str, str, dict | None]:
     m = S.read_manifest(job.sidecar)
     if m is None:
         return "todo", ("tar without manifest" if Path(job.sidecar).exists() else "new"), None
@@ -126,7 +135,7 @@ def _status(job: ShardJob, fp: str, names: list[str], dtype: str, overwrite: boo
     mismatch = S.manifest_mismatch(m, fp, names, dtype, exact_fields=True)
     if mismatch:
         return "conflict", f"{job.sidecar}: {mismatch}", m
-    reason = S.validate_sidecar(job.sidecar, m, verify=True)
+    reason = S.validate_sidecar(job.sidecar, m, verify=verify)
     if reason:
         return "todo", reason, None
     if m.get("image_shard_bytes") not in (None, os.path.getsize(job.image)):
@@ -336,7 +345,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
             jobs = plan_jobs(cfg)
             record = fingerprint_record(cfg.text, cfg.data.instruction, FileHashCache())
             plan = (jobs, record, None)
-        except (ConfigError, FileNotFoundError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - every rank must hear about it, not wait in the broadcast
             plan = ([], {}, f"{type(e).__name__}: {e}")
     jobs, record, err = D.broadcast_object(plan)
     if err:
@@ -346,7 +355,8 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
              f"world {world} ({info.launcher})")
 
     # existing outputs: every rank validates a slice (sha256 reads the tars), then all agree
-    mine = {i: _status(jobs[i], fp, names, cfg.output.dtype, cfg.output.overwrite) for i in range(rank, len(jobs), world)}
+    mine = {i: _status(jobs[i], fp, names, cfg.output.dtype, cfg.output.overwrite, cfg.output.verify == "sha256")
+            for i in range(rank, len(jobs), world)}
     status: dict[int, tuple[str, str, dict | None]] = {}
     for part in D.all_gather_object(mine):
         status.update(part)

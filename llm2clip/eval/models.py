@@ -1,0 +1,556 @@
+"""Model specs -> models for evaluation, and feature encoding sharded over ranks.
+
+    model = build_model("ours", EvalModelConfig(kind="llm2clip", path="runs/stage2/export/model"), run_cfg)
+    txt = model.text_features(captions)            # [N, D] on every rank; the work split over ranks
+    img = sharded_map(batches, n, run_local)        # the same for any per-batch computation
+
+Kinds (see llm2clip.schema_eval.MODEL_KINDS): ``llm2clip`` (our stage-2 export; text through the
+stage-1 encoder + adapter, or from the text feature cache), ``hf_clip`` (the baseline), ``text``
+(an LLM / stage-1 encoder alone, for CRA). The image-text kinds also satisfy the
+``ImageTextModel`` protocol (``preprocess`` / ``encode_image`` / ``encode_text``) for direct use.
+
+Determinism: work is planned as a list of batches that depends only on the inputs (never on the
+world size); rank r runs batches r, r + W, ... and the results are gathered back in input order.
+Every text and image is therefore computed in the same batch on 1 process and on 512, so the
+features -- and the metrics -- are bit-identical. Identical strings are encoded once.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llm2clip import distributed as D
+from llm2clip.config import ConfigError
+from llm2clip.schema import TextEncoderConfig
+from llm2clip.schema_eval import MODEL_KINDS, EvalModelConfig, EvalRunConfig
+
+log = logging.getLogger("llm2clip")
+
+# text_encoder info keys (written by stage 2 into llm2clip_config.json) that configure the encoder
+_INFO_KEYS = ("model_path", "tokenizer_path", "lora_path", "attention", "pooling", "template", "max_length",
+              "padding_side", "pad_token")
+# keys of a stage-1 export's llm2clip_text.json that configure the encoder
+_STAGE1_KEYS = ("attention", "pooling", "template", "max_length", "padding_side")
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def collective_device() -> torch.device:
+    """Where tensors must live for collectives (CUDA under NCCL, else CPU)."""
+    import torch.distributed as dist
+
+    if D.is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective error check: every rank calls it once; if any rank failed, every rank raises.
+
+    Keeps one rank's exception from leaving the others blocked in the next collective."""
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    msgs = D.all_gather_object(msg)
+    if error is not None:
+        raise error
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise RuntimeError(f"{what} failed on rank {r}: {m}")
+
+
+def on_rank0_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 only (e.g. reading annotations, hashing weights) and give everyone the
+    result; an exception on rank 0 is raised on every rank."""
+    result, err = None, None
+    if D.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below on every rank
+            err = e
+    box = D.broadcast_object((result, None if err is None else f"{type(err).__name__}: {err}"))
+    if err is not None:
+        raise err
+    if box[1] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {box[1]}")
+    return box[0]
+
+
+def sharded_map(batches: Sequence[Sequence[int]], n: int,
+                run_local: Callable[[list[list[int]]], Iterable[torch.Tensor]],
+                desc: str = "", progress: bool = True) -> torch.Tensor:
+    """Compute ``[n, D]`` rows batch by batch, the batches split round-robin over ranks.
+
+    Args:
+        batches: a partition of ``range(n)`` into batches; must be identical on every rank.
+        run_local: given this rank's batches, yields one ``[len(batch), D]`` tensor per batch.
+    Returns:
+        ``[n, D]`` float32 on CPU, in input order, on every rank. Every rank makes the same
+        collective calls whatever its share (possibly none); a failure on any rank raises everywhere.
+    """
+    world, rank = D.get_world_size(), D.get_rank()
+    mine = [list(b) for b in batches[rank::world]]
+    outs: list[torch.Tensor] = []
+    err: BaseException | None = None
+    bar = None
+    if progress and rank == 0 and mine:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    try:
+        for b, out in zip(mine, run_local(mine)):
+            out = out.detach().float().cpu()
+            if out.shape[0] != len(b):
+                raise RuntimeError(f"{desc}: a batch of {len(b)} gave {out.shape[0]} rows")
+            outs.append(out)
+            if bar is not None:
+                bar.update(1)
+        if len(outs) != len(mine):
+            raise RuntimeError(f"{desc}: {len(mine)} batches planned but {len(outs)} computed")
+    except Exception as e:  # made collective below
+        err = e
+    finally:
+        if bar is not None:
+            bar.close()
+    if world == 1:
+        if err is not None:
+            raise err
+        result = torch.cat(outs) if outs else torch.zeros(0, 0)
+        order = torch.tensor([i for b in mine for i in b], dtype=torch.long)
+        full = torch.empty_like(result)
+        full[order] = result
+        return full
+    width = outs[0].shape[1] if outs else -1
+    msg = None if err is None else f"{type(err).__name__}: {err}"
+    status = D.all_gather_object((msg, width))
+    if err is not None:
+        raise err
+    for r, (m, _) in enumerate(status):
+        if m is not None:
+            raise RuntimeError(f"{desc} failed on rank {r}: {m}")
+    width = max(w for _, w in status)
+    dev = collective_device()
+    local = torch.cat(outs) if outs else torch.zeros(0, width)
+    idx = torch.tensor([i for b in mine for i in b], dtype=torch.long)
+    feats = D.gather_no_grad(local.to(dev)).cpu()
+    order = D.gather_no_grad(idx.to(dev)).cpu()
+    if order.numel() != n or not torch.equal(order.sort().values, torch.arange(n)):
+        raise RuntimeError(f"{desc}: gathered rows do not cover 0..{n - 1} exactly once")
+    full = torch.empty(n, width)
+    full[order] = feats
+    return full
+
+
+def fixed_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = list(order)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Batches of similar-length texts (less padding); depends only on the texts."""
+    return fixed_batches(sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i)), batch_size)
+
+
+def unique_texts(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """(distinct texts in first-seen order, index of each input text into them)."""
+    pos: dict[str, int] = {}
+    inv = [pos.setdefault(t, len(pos)) for t in texts]
+    return list(pos), torch.tensor(inv, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", D.world_info().local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Autocast context for the towers: auto = bf16 on GPU, fp32 (none) on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- LLM text side
+
+
+class LLMText:
+    """A text encoder (LLM or stage-1 export) that embeds captions as the embed step does:
+    token-budget batches of length-sorted captions, pooled raw embeddings ``[N, H]``.
+
+    Loads the model lazily (not at all when every text comes from the cache) and keeps the
+    tokenizer only for planning. ``info`` is what the fingerprint was checked against.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, run: EvalRunConfig, device: torch.device, label: str,
+                 expected_fingerprint: str | None = None, expected_record: dict | None = None,
+                 check_fingerprint: bool = False):
+        self.cfg, self.run, self.device, self.label = cfg, run, device, label
+        self.expected_fingerprint, self.expected_record = expected_fingerprint, expected_record or {}
+        self.check_fingerprint = check_fingerprint
+        self._encoder = None
+        self._ptok = None
+        self._fingerprints: dict[str, str] = {}
+        self._caches: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {"encoded": 0, "from_cache": 0, "fingerprints": {}}
+
+    # -- configuration --
+    def _need_path(self) -> None:
+        if not self.cfg.model_path:
+            raise ConfigError(f"{self.label}: no text encoder path is recorded for this model; set "
+                              f"models.<name>.text.model_path to the stage-1 merged encoder it was trained with")
+        try:
+            self.cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{self.label}: {e}") from None
+
+    def fingerprint(self, instruction: str) -> str:
+        """Content fingerprint of (encoder, instruction), computed on rank 0 and checked against the
+        one recorded at training time (if any)."""
+        if instruction in self._fingerprints:
+            return self._fingerprints[instruction]
+        from llm2clip.text.feature_cache import FileHashCache, fingerprint_of, fingerprint_record
+
+        if not self.cfg.model_path and self.expected_fingerprint:
+            fp = self.expected_fingerprint  # no folder to hash: trust the record (cache-only evaluation)
+        else:
+            self._need_path()
+            record = on_rank0_then_broadcast(lambda: fingerprint_record(self.cfg, instruction, FileHashCache()),
+                                             f"{self.label}: fingerprinting {self.cfg.model_path}")
+            fp = fingerprint_of(record)
+            if self.check_fingerprint and self.expected_fingerprint and fp != self.expected_fingerprint:
+                diff = sorted(k for k in record if k in self.expected_record and record[k] != self.expected_record[k])
+                raise ConfigError(
+                    f"{self.label}: the text encoder {self.cfg.model_path} (instruction {instruction!r}) has "
+                    f"fingerprint {fp[:16]}…, but the model was trained on embeddings from {self.expected_fingerprint[:16]}…"
+                    + (f"; they differ in: {', '.join(diff)}" if diff else "")
+                    + ". Point text.model_path (and text.lora_path / pooling / template / max_length) at the encoder "
+                    "stage 2 used, or set check_fingerprint=false to evaluate anyway.")
+        self._fingerprints[instruction] = fp
+        self.stats["fingerprints"][instruction] = fp
+        return fp
+
+    # -- loading --
+    def tokenizer(self):
+        if self._ptok is None:
+            from llm2clip.text.tokenize import PromptTokenizer, load_tokenizer
+
+            self._need_path()
+            tok = load_tokenizer(self.cfg.tokenizer_path or self.cfg.model_path, self.cfg.pad_token,
+                                 self.cfg.padding_side)
+            self._ptok = PromptTokenizer(tok, self.cfg.template, self.cfg.max_length, self.cfg.pooling)
+        return self._ptok
+
+    def encoder(self):
+        if self._encoder is None:
+            from llm2clip.text.encoder import build_text_encoder
+
+            self._need_path()
+            enc, self._ptok = build_text_encoder(self.cfg)
+            self._encoder = enc.to(self.device).eval().requires_grad_(False)
+        return self._encoder
+
+    def release(self) -> None:
+        self._encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- encoding --
+    def encode_direct(self, texts: list[str], instruction: str = "") -> torch.Tensor:
+        """One batch, this process only: ``[B, H]`` raw pooled embeddings (for checks and small jobs)."""
+        enc = self.encoder()
+        batch = self.tokenizer()(texts, instruction).to(self.device)
+        with torch.inference_mode():
+            return enc(batch.input_ids, batch.attention_mask, batch.embed_mask).float().cpu()
+
+    def features(self, texts: list[str], instruction: str = "", desc: str = "") -> torch.Tensor:
+        """Raw embeddings ``[len(texts), H]`` of distinct texts, from the cache where possible;
+        the rest computed sharded over ranks (and added to the cache by rank 0)."""
+        cache = None
+        todo = list(range(len(texts)))
+        if self.run.text_cache_dir:
+            cache = self._cache(self.fingerprint(instruction))
+            rows = cache.lookup(texts)
+            todo = [i for i, r in enumerate(rows) if r is None]
+        self.stats["from_cache"] += len(texts) - len(todo)
+        self.stats["encoded"] += len(todo)
+        if todo:
+            computed = self._compute([texts[i] for i in todo], instruction, desc)
+            if cache is None:
+                return computed
+            cache.add([texts[i] for i in todo], computed.numpy())
+            if D.get_rank() == 0:
+                cache.save()
+        if cache is None:  # nothing to encode
+            return torch.zeros(0, 0)
+        import numpy as np
+
+        rows = cache.lookup(texts)
+        return torch.from_numpy(cache.features[np.asarray(rows, dtype=np.int64)].copy())
+
+    def _cache(self, fingerprint: str):
+        """The cache of one fingerprint, loaded once per run and then kept in memory: every rank adds
+        the same rows, so all ranks agree on what is cached (which decides the batch plan). If the
+        ranks read different versions of the file (another job writing it), rank 0's wins."""
+        if fingerprint not in self._caches:
+            from llm2clip.text.feature_cache import TextFeatureCache
+
+            cache = TextFeatureCache(self.run.text_cache_dir, fingerprint)
+            if D.get_world_size() > 1:
+                sig = hashlib.sha256("".join(cache.keys).encode()).hexdigest()
+                if len(set(D.all_gather_object(sig))) > 1:
+                    keys, feats = D.broadcast_object((cache.keys, cache.features) if D.get_rank() == 0 else None)
+                    cache.keys, cache.features = list(keys), feats
+                    cache.row = {k: i for i, k in enumerate(cache.keys)}
+            self._caches[fingerprint] = cache
+        return self._caches[fingerprint]
+
+    def _compute(self, texts: list[str], instruction: str, desc: str) -> torch.Tensor:
+        from llm2clip.text.feature_cache import plan_batches
+        from llm2clip.text.tokenize import collate
+
+        ptok = self.tokenizer()
+        encoded = [ptok.encode_one(t, instruction) for t in texts]
+        batches = plan_batches([len(e[0]) for e in encoded], self.run.text_token_budget, self.run.text_batch_size)
+        pad_id, side = ptok.tok.pad_token_id, ptok.tok.padding_side
+
+        def run_local(mine):
+            enc = self.encoder() if mine else None
+            for b in mine:
+                batch = collate([encoded[i] for i in b], pad_id, side).to(self.device)
+                with torch.inference_mode():
+                    yield enc(batch.input_ids, batch.attention_mask, batch.embed_mask)
+
+        return sharded_map(batches, len(texts), run_local, desc or f"{self.label} text", self.run.progress)
+
+
+def text_encoder_config(base: dict[str, Any], overrides: dict[str, Any], label: str) -> TextEncoderConfig:
+    """TextEncoderConfig from recorded settings + user overrides (later wins; empty values ignored).
+
+    Values are checked against the field types (a Literal's choices, int / str) so a typo in an
+    override fails here, naming the key."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(TextEncoderConfig)
+    kwargs: dict[str, Any] = {"pad_token": "eos"}  # pad positions are masked out; the pad id never changes an embedding
+    for src, where in ((base, "recorded text encoder"), (overrides, f"{label}.text")):
+        for k, v in src.items():
+            if k not in hints or v is None or v == "":
+                continue
+            tp = hints[k]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{where}.{k}: {v!r} is not one of {list(choices)}")
+            if tp in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
+            if tp is bool and not isinstance(v, bool):
+                raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
+            kwargs[k] = tp(v) if tp in (int, float, str) else v
+    names = {f.name for f in dataclasses.fields(TextEncoderConfig)}
+    return TextEncoderConfig(**{k: v for k, v in kwargs.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class EvalModel:
+    """Base: ``name``, ``kind``; image side (``has_images``, ``transform``, ``encode_image``) and
+    text side (``text_features``: sharded, deduplicated, all ranks get all rows)."""
+
+    kind = ""
+    has_images = True
+
+    def __init__(self, name: str, spec: EvalModelConfig, run: EvalRunConfig, device: torch.device):
+        self.name, self.spec, self.run, self.device = name, spec, run, device
+
+    # ImageTextModel protocol
+    def preprocess(self, pil_image) -> torch.Tensor:
+        return self.transform(pil_image)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Direct (this process, one batch) text features ``[B, D]``."""
+        raise NotImplementedError
+
+    def text_features(self, texts: Sequence[str], instruction: str | None = None, desc: str = "") -> torch.Tensor:
+        """``[len(texts), D]`` float32 on CPU, identical on every rank."""
+        raise NotImplementedError
+
+    def release_text_encoder(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": os.path.abspath(self.spec.path)}
+
+
+class HFClipEval(EvalModel):
+    kind = "hf_clip"
+
+    def __init__(self, name, spec, run, device):
+        super().__init__(name, spec, run, device)
+        from llm2clip.eval.hf_clip import HFCLIPModel, clip_eval_transform
+
+        self.clip = HFCLIPModel.from_pretrained(spec.path, device=device)
+        self.transform = functools.partial(clip_eval_transform, processor=self.clip.processor)
+
+    def encode_image(self, pixels):
+        with autocast_for(self.device, self.run.precision):
+            return self.clip.encode_image(pixels.to(self.device)).float()
+
+    def encode_text(self, texts):
+        with autocast_for(self.device, self.run.precision):
+            return self.clip.encode_text(list(texts)).float()
+
+    def text_features(self, texts, instruction=None, desc=""):
+        uniq, inv = unique_texts(texts)
+        batches = length_sorted_batches(uniq, self.run.text_batch_size)
+
+        def run_local(mine):
+            for b in mine:
+                yield self.encode_text([uniq[i] for i in b])
+
+        return sharded_map(batches, len(uniq), run_local, desc or f"{self.name} text", self.run.progress)[inv]
+
+    def describe(self):
+        c = self.clip.model.config
+        return {**super().describe(), "embed_dim": int(c.projection_dim), "max_text_tokens": self.clip.max_length,
+                "image_size": int(c.vision_config.image_size)}
+
+
+class TextOnlyEval(EvalModel):
+    """An LLM / stage-1 encoder alone: pooled embeddings, for CRA."""
+
+    kind = "text"
+    has_images = False
+
+    def __init__(self, name, spec, run, device):
+        super().__init__(name, spec, run, device)
+        recorded: dict[str, Any] = {}
+        info_path = Path(spec.path) / "llm2clip_text.json"
+        if info_path.is_file():
+            info = json.loads(info_path.read_text())
+            recorded = {k: info[k] for k in _STAGE1_KEYS if k in info}
+        self.recorded_from = str(info_path) if recorded else "defaults (no llm2clip_text.json)"
+        cfg = text_encoder_config({**recorded, "model_path": spec.path}, spec.text, f"models.{name}")
+        self.llm = LLMText(cfg, run, device, f"models.{name}")
+        self.default_instruction = spec.instruction or ""
+
+    def encode_text(self, texts):
+        return self.llm.encode_direct(list(texts), self.default_instruction)
+
+    def text_features(self, texts, instruction=None, desc=""):
+        uniq, inv = unique_texts(texts)
+        instr = self.default_instruction if instruction is None else instruction
+        return self.llm.features(uniq, instr, desc or f"{self.name} text")[inv]
+
+    def release_text_encoder(self):
+        self.llm.release()
+
+    def describe(self):
+        import dataclasses
+
+        return {**super().describe(), "text_encoder": dataclasses.asdict(self.llm.cfg),
+                "settings_from": self.recorded_from, "instruction": self.default_instruction,
+                "text_stats": self.llm.stats}
+
+
+class LLM2ClipEval(EvalModel):
+    """Our stage-2 export: vision tower + projection; text = stage-1 encoder -> adapter."""
+
+    kind = "llm2clip"
+
+    def __init__(self, name, spec, run, device):
+        super().__init__(name, spec, run, device)
+        from llm2clip.data.transforms import eval_transform
+        from llm2clip.model.clip_model import LLM2CLIPModel
+
+        self.model = LLM2CLIPModel.from_pretrained(spec.path, map_location="cpu").to(device).eval()
+        self.model.requires_grad_(False)
+        t = self.model.tower
+        self.transform = eval_transform(t.image_size, t.mean, t.std)
+        info = dict(self.model.text_encoder_info or {})
+        base = {k: info[k] for k in _INFO_KEYS if k in info}
+        if "model_path" not in base and info.get("path"):
+            base["model_path"] = info["path"]
+        cfg = text_encoder_config(base, spec.text, f"models.{name}")
+        self.info = info
+        self.default_instruction = spec.instruction if spec.instruction is not None else str(info.get("instruction", ""))
+        self.llm = LLMText(cfg, run, device, f"models.{name}", expected_fingerprint=info.get("fingerprint"),
+                           expected_record=info, check_fingerprint=spec.check_fingerprint)
+
+    def encode_image(self, pixels):
+        with torch.inference_mode(), autocast_for(self.device, self.run.precision):
+            return self.model.encode_image(pixels.to(self.device)).float()
+
+    def adapt(self, llm_emb: torch.Tensor) -> torch.Tensor:
+        """LLM embeddings ``[B, llm_dim]`` -> text features ``[B, embed_dim]``."""
+        with torch.inference_mode(), autocast_for(self.device, self.run.precision):
+            return self.model.encode_text_embedding(llm_emb.to(self.device)).float()
+
+    def encode_text(self, texts):
+        return self.adapt(self.llm.encode_direct(list(texts), self.default_instruction))
+
+    def text_features(self, texts, instruction=None, desc=""):
+        uniq, inv = unique_texts(texts)
+        instr = self.default_instruction if instruction is None else instruction
+        label = desc or f"{self.name} text"
+        raw = self.llm.features(uniq, instr, f"{label} (LLM)")
+        if raw.shape[1] != self.model.llm_dim:
+            raise ValueError(f"models.{self.name}: the text encoder gives {raw.shape[1]}-wide embeddings but the "
+                             f"adapter expects {self.model.llm_dim}; text.model_path must be the encoder stage 2 used")
+        batches = fixed_batches(range(len(uniq)), self.run.text_batch_size)
+
+        def run_local(mine):
+            for b in mine:
+                yield self.adapt(raw[b])
+
+        return sharded_map(batches, len(uniq), run_local, f"{label} (adapter)", self.run.progress)[inv]
+
+    def release_text_encoder(self):
+        self.llm.release()
+
+    def describe(self):
+        import dataclasses
+
+        m = self.model
+        return {**super().describe(), "embed_dim": m.embed_dim, "llm_dim": m.llm_dim, "image_size": m.tower.image_size,
+                "vision_tower": m.tower.kind, "text_encoder": dataclasses.asdict(self.llm.cfg),
+                "instruction": self.default_instruction,
+                "recorded_fingerprint": self.info.get("fingerprint"), "text_stats": self.llm.stats}
+
+
+MODEL_CLASSES: dict[str, type[EvalModel]] = {"llm2clip": LLM2ClipEval, "hf_clip": HFClipEval, "text": TextOnlyEval}
+assert set(MODEL_CLASSES) == set(MODEL_KINDS)
+
+
+def build_model(name: str, spec: EvalModelConfig, run: EvalRunConfig, device: torch.device | None = None) -> EvalModel:
+    """Load the model a spec names. Raises ConfigError for an unknown kind (listing the valid ones)
+    and FileNotFoundError naming a missing folder."""
+    if spec.kind not in MODEL_CLASSES:
+        raise ConfigError(f"models.{name}.kind: {spec.kind!r} is not a model kind; valid: {', '.join(MODEL_CLASSES)}")
+    if not os.path.isdir(spec.path):
+        raise FileNotFoundError(f"models.{name}.path: model folder not found: {spec.path}")
+    return MODEL_CLASSES[spec.kind](name, spec, run, device or resolve_device(run.device))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)

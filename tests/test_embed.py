@@ -1,0 +1,368 @@
+"""Embed step: batching invariance, token-budget padding, sidecar layout and values, 2-process ==
+1-process byte for byte, kill-and-rerun, tamper detection, fingerprint refusal, text feature cache."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import ROOT, run_cmd, torchrun
+from llm2clip.config import load_config
+from llm2clip.data import sidecar as S
+from llm2clip.data.shards import get_caption, iter_tar_samples
+from llm2clip.schema import TextEncoderConfig
+from llm2clip.schema_embed import EmbedConfig
+from llm2clip.tasks.embed import EmbedConflictError, assign_lpt, plan_jobs, run_embed
+from llm2clip.text import feature_cache as FC
+
+FIELDS = ["txt", "json:dense", "json:dense_alt"]
+NAMES = ["txt", "dense", "dense_alt"]
+TOOL = str(ROOT / "tools" / "embed_captions.py")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from llm2clip.data.synthetic import generate
+    from llm2clip.testing.tiny_models import make_tiny_llm
+
+    root = tmp_path_factory.mktemp("embed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM2CLIP_HASH_CACHE", str(root / "hashes.json"))
+        generate(root / "data", n_train=300, n_val=20, seed=0, image_size=32, shard_size=90, cls_per_class=0)
+        # shard 3 (30 samples): first sample without .txt, second without json "dense"
+        _drop_captions(root / "data" / "train" / "shard-000003.tar")
+        llama = make_tiny_llm(root / "llama", root / "data" / "tokenizer", family="llama", seed=0)
+        w = {"root": root, "data": root / "data", "llama": llama}
+        w["clean"] = root / "clean"
+        w["clean_summary"] = run_embed(cfg(w, w["clean"]))
+        yield w
+
+
+def _drop_captions(path: Path) -> None:
+    with tarfile.open(path) as tf:
+        items = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    keys = sorted({n.split(".")[0] for n, _ in items})
+    with tarfile.open(path, "w") as tf:
+        for name, data in items:
+            key, ext = name.split(".", 1)
+            if key == keys[0] and ext == "txt":
+                continue
+            if key == keys[1] and ext == "json":
+                meta = json.loads(data)
+                del meta["dense"]
+                data = json.dumps(meta).encode()
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def overrides(w, out: Path, *extra: str) -> list[str]:
+    d = w["data"]
+    return [f"text.model_path={w['llama']}", "text.attn_implementation=sdpa", "text.max_length=64",
+            f"data.shards={d}/train/shard-*.tar::{d}/val/shard-{{000000..000000}}.tar",
+            f"data.fields=[{', '.join(FIELDS)}]", f"output.out_dir={out}", f"output.image_root={d}",
+            "batch.token_budget=400", "batch.max_batch_size=64", "run.progress_bar=false", *extra]
+
+
+def cfg(w, out: Path, *extra: str) -> EmbedConfig:
+    return load_config(EmbedConfig, None, overrides(w, out, *extra))
+
+
+def sidecars(out: Path) -> list[Path]:
+    return sorted(out.rglob("shard-*.tar"))
+
+
+def read_sidecar(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, name, ext = m.name.split(".")
+            assert ext == "npy"
+            out.setdefault(key, {})[name] = np.load(io.BytesIO(tf.extractfile(m).read()), allow_pickle=False)
+    return out
+
+
+def encoder(w, padding_side: str = "left"):
+    from llm2clip.text.encoder import build_text_encoder
+
+    enc, ptok = build_text_encoder(TextEncoderConfig(model_path=str(w["llama"]), attn_implementation="sdpa",
+                                                     max_length=64, padding_side=padding_side))
+    return enc.eval(), ptok
+
+
+def captions(w, n: int = 60) -> list[str]:
+    out = []
+    for s in iter_tar_samples(str(w["data"] / "train" / "shard-000000.tar"), want={"txt", "json"}):
+        out += [c for c in (get_caption(s, f) for f in FIELDS) if c]
+    return out[:n]
+
+
+# --- batching ---------------------------------------------------------------------------------
+def test_plan_batches_respects_budget_and_covers_everything():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 120, size=500).tolist()
+    batches = FC.plan_batches(lengths, token_budget=1000, max_batch_size=32)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(len(b) <= 32 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000) for b in batches)
+    assert FC.plan_batches(lengths, 1000, 32) == batches
+    assert FC.plan_batches([5000, 3], 100, 8) == [[0], [1]]  # longer than the budget: alone
+
+
+def test_lpt_assignment_balances_unequal_shards():
+    weights = [90, 90, 90, 30, 20, 500, 10]
+    a = assign_lpt(weights, 2)
+    assert sorted(i for r in a for i in r) == list(range(7)) and a == assign_lpt(weights, 2)
+    loads = [sum(weights[i] for i in r) for r in a]
+    assert max(loads) == 500 and a[0] == [5]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_embedding_is_invariant_to_batching(world, side):
+    enc, ptok = encoder(world, side)
+    texts = captions(world, 48)
+    bucketed, st = FC.encode_texts(enc, ptok, texts, token_budget=300, max_batch_size=16)
+    assert st.batches > 3 and st.padding_fraction > 0  # real mixed-length batches with padding
+    naive = FC.encode_bucketed(enc, [ptok.encode_one(t) for t in texts], ptok.tok.pad_token_id, side,
+                               FC.fixed_batches(len(texts), 7))[0]
+    alone = torch.cat([FC.encode_texts(enc, ptok, [t])[0] for t in texts])
+    for got in (bucketed, naive):
+        np.testing.assert_allclose(got.half().float().numpy(), alone.half().float().numpy(), rtol=2e-3, atol=2e-3)
+        assert (got - alone).abs().max() < 1e-4  # fp32 noise only
+
+
+def test_token_budget_pads_less_than_fixed_batches(world):
+    _, ptok = encoder(world)
+    lengths = [len(ptok.encode_one(t)[0]) for t in captions(world, 270)]  # fields interleaved, file order
+
+    def pad(batches):
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    budget = pad(FC.plan_batches(lengths, 400, 64))
+    naive = pad(FC.fixed_batches(len(lengths), 16))
+    assert budget < 0.1 < naive and budget < naive / 3, (budget, naive)
+    assert world["clean_summary"]["padding_fraction"] < naive
+
+
+# --- the embed job ----------------------------------------------------------------------------
+def test_sidecar_layout_manifest_index_and_values(world):
+    out, summ = world["clean"], world["clean_summary"]
+    assert summ["shards"] == 5 and summ["written"] == 5 and summ["skipped"] == 0
+    assert summ["captions"] == 320 * 3 - 2 and summ["missing_captions"] == 2 and summ["tokens"] > 0
+    assert json.loads((out / "embed_summary.json").read_text())["captions"] == summ["captions"]
+    enc, ptok = encoder(world)
+    for img in sorted((world["data"] / "train").glob("shard-*.tar")) + [world["data"] / "val" / "shard-000000.tar"]:
+        sc = out / img.parent.name / img.name
+        assert S.validate_sidecar(sc) is None
+        man = S.read_manifest(sc)
+        samples = list(iter_tar_samples(str(img), want={"txt", "json"}))
+        got = read_sidecar(sc)
+        assert list(got) == [s["__key__"] for s in samples], "same keys, same order"
+        assert man["count"] == man["image_samples"] == len(samples) and man["fields"] == NAMES
+        assert man["width"] == 64 and man["dtype"] == "float16" and man["fingerprint"] == summ["fingerprint"]
+        assert man["sources"] == dict(zip(NAMES, FIELDS))
+        if img.name == "shard-000003.tar" and img.parent.name == "train":
+            assert man["missing"] == {"txt": [samples[0]["__key__"]], "dense": [samples[1]["__key__"]], "dense_alt": []}
+            assert "txt" not in got[samples[0]["__key__"]]
+    # values: the sidecar equals each caption embedded alone (fp16 rounding)
+    s = samples[4]
+    alone = FC.encode_texts(enc, ptok, [get_caption(s, f) for f in FIELDS])[0].half().numpy()
+    for j, n in enumerate(NAMES):
+        assert got[s["__key__"]][n].dtype == np.float16 and got[s["__key__"]][n].shape == (64,)
+        np.testing.assert_allclose(got[s["__key__"]][n].astype(np.float32), alone[j].astype(np.float32), atol=2e-3, rtol=2e-3)
+    idx = json.loads((out / "train" / "index.json").read_text())
+    assert idx["shards"] == 4 and idx["samples"] == 300 and idx["fingerprint"] == summ["fingerprint"]
+    assert idx["fields"] == NAMES and idx["width"] == 64 and idx["missing"] == {"txt": 1, "dense": 1, "dense_alt": 0}
+    assert FC.fingerprint_of(idx["encoder"]) == summ["fingerprint"]
+
+
+def test_two_processes_equal_one_process_byte_for_byte(world, tmp_path):
+    env = {"LLM2CLIP_HASH_CACHE": str(world["root"] / "hashes.json")}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cmd([sys.executable, TOOL, *[f"--set={o}" for o in overrides(world, one)]], env_extra=env, timeout=120)
+    p = torchrun(TOOL, [f"--set={o}" for o in overrides(world, two)], nproc=2, env_extra=env, timeout=120)
+    summ = json.loads((two / "embed_summary.json").read_text())
+    assert summ["world_size"] == 2 and summ["written"] == 5 and not summ["errors"], p.stdout[-2000:]
+    assert all(t > 0 for t in summ["encode_seconds_per_rank"]), "both ranks must get work"
+    a, b = sidecars(one), sidecars(two)
+    assert [x.relative_to(one) for x in a] == [x.relative_to(two) for x in b] and len(a) == 5
+    for x, y in zip(a, b):
+        dx, dy = read_sidecar(x), read_sidecar(y)
+        assert sorted(dx) == sorted(dy)
+        assert all(np.array_equal(dx[k][n], dy[k][n]) for k in dx for n in dx[k])
+        assert x.read_bytes() == y.read_bytes()
+        assert S.manifest_path(x).read_text() == S.manifest_path(y).read_text()
+    assert (one / "train" / "index.json").read_text() == (two / "train" / "index.json").read_text()
+
+
+def test_kill_and_rerun_completes_without_recomputing(world, tmp_path):
+    clean, out = world["clean"], tmp_path / "out"
+    shutil.copytree(clean, out)
+    t1, t2 = out / "train" / "shard-000001.tar", out / "train" / "shard-000002.tar"
+    # shard 1: killed while writing (only a partial temp file); shard 2: tar renamed, manifest never written
+    t1.unlink()
+    S.manifest_path(t1).unlink()
+    (out / "train" / ".shard-000001.tar.tmp.4242").write_bytes(b"partial")
+    S.manifest_path(t2).unlink()
+    t2.write_bytes(t2.read_bytes()[:3000])
+    kept = {p: p.stat().st_mtime_ns for p in sidecars(out) if p not in (t1, t2)}
+    summ = run_embed(cfg(world, out))
+    assert (summ["skipped"], summ["written"], summ["redone"]) == (3, 2, 1)
+    assert summ["captions"] == 2 * 90 * 3
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "finished shards must not be rewritten"
+    assert not list(out.rglob(".*.tmp.*"))
+    for x in sidecars(clean):
+        assert (out / x.relative_to(clean)).read_bytes() == x.read_bytes()
+    assert (out / "train" / "index.json").read_text() == (clean / "train" / "index.json").read_text()
+    assert run_embed(cfg(world, out))["skipped"] == 5  # and a third run does nothing
+
+
+def test_tampered_sidecar_is_detected_redone_and_refused(world, tmp_path):
+    clean, out = world["clean"], tmp_path / "out"
+    shutil.copytree(clean, out)
+    trunc, tamp = out / "train" / "shard-000000.tar", out / "val" / "shard-000000.tar"
+    trunc.write_bytes(trunc.read_bytes()[:-1024])
+    data = bytearray(tamp.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tamp.write_bytes(bytes(data))
+    images = [str(world["data"] / "train" / "shard-000000.tar"), str(world["data"] / "val" / "shard-000000.tar")]
+    c = cfg(world, out)
+    fp = world["clean_summary"]["fingerprint"]
+    missing, invalid = S.check_sidecars(images, c.output, fp)
+    assert missing == [] and [i for i, _ in invalid] == images
+    assert "truncated" in invalid[0][1] and "sha256" in invalid[1][1]
+    with pytest.raises(S.SidecarError, match="truncated"):
+        next(S.iter_joined(images[0], str(trunc), expected_fingerprint=fp))
+    summ = run_embed(c)
+    assert (summ["skipped"], summ["written"], summ["redone"]) == (3, 2, 2)
+    for x in sidecars(clean):
+        assert (out / x.relative_to(clean)).read_bytes() == x.read_bytes()
+    assert S.check_sidecars(images, c.output, fp) == ([], [])
+
+
+def test_other_encoder_is_refused_unless_overwrite(world, tmp_path):
+    clean, out = world["clean"], tmp_path / "out"
+    shutil.copytree(clean, out)
+    before = {p: p.read_bytes() for p in sidecars(out)}
+    old_fp = world["clean_summary"]["fingerprint"]
+    other = cfg(world, out, "text.max_length=32")  # another encoder setting -> another fingerprint
+    with pytest.raises(EmbedConflictError) as e:
+        run_embed(other)
+    new_fp = FC.encoder_fingerprint(other.text, "")
+    assert old_fp in str(e.value) and new_fp in str(e.value) and "overwrite" in str(e.value)
+    assert {p: p.read_bytes() for p in sidecars(out)} == before, "nothing may be touched"
+    # a new shard into the same folder is refused too (the index belongs to the old encoder)
+    (out / "val" / "shard-000000.tar").unlink()
+    S.manifest_path(out / "val" / "shard-000000.tar").unlink()
+    with pytest.raises(EmbedConflictError, match="index.json"):
+        run_embed(other)
+    summ = run_embed(cfg(world, out, "text.max_length=32", "output.overwrite=true"))
+    assert summ["written"] == 5 and summ["fingerprint"] == new_fp
+    for p in sidecars(out):
+        assert S.read_manifest(p)["fingerprint"] == new_fp and S.validate_sidecar(p) is None
+    assert json.loads((out / "train" / "index.json").read_text())["fingerprint"] == new_fp
+    img = str(world["data"] / "train" / "shard-000001.tar")
+    with pytest.raises(S.SidecarMismatchError, match=old_fp):
+        next(S.iter_joined(img, str(out / "train" / "shard-000001.tar"), expected_fingerprint=old_fp))
+    assert len(list(S.iter_joined(img, str(out / "train" / "shard-000001.tar"), expected_fingerprint=new_fp))) == 90
+
+
+def test_flat_output_name_clash_and_beside_images(world, tmp_path):
+    from llm2clip.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image_root"):  # train/ and val/ both have shard-000000.tar
+        plan_jobs(cfg(world, tmp_path / "flat", "output.image_root="))
+    data = tmp_path / "data"
+    shutil.copytree(world["data"] / "val", data / "val")
+    c = load_config(EmbedConfig, None, [o for o in overrides(world, tmp_path) if not o.startswith("output.")] +
+                    [f"data.shards={data}/val/*.tar", "output.suffix=_emb"])
+    assert run_embed(c)["written"] == 1
+    assert (data / "val" / "shard-000000_emb.tar").is_file() and (data / "val" / "index_emb.json").is_file()
+    summ = run_embed(c)  # the glob now also matches the sidecar: it is not taken for an image shard
+    assert summ["shards"] == 1 and summ["skipped"] == 1
+
+
+# --- fingerprints and the text feature cache --------------------------------------------------
+def test_fingerprint_is_content_based(world, tmp_path):
+    base = TextEncoderConfig(model_path=str(world["llama"]), max_length=64)
+    hashes = FC.FileHashCache(tmp_path / "h.json")
+    fp = FC.encoder_fingerprint(base, "", hashes)
+    assert hashes.hashed_bytes > 0
+    moved = tmp_path / "copy"
+    shutil.copytree(world["llama"], moved)
+    assert FC.encoder_fingerprint(TextEncoderConfig(model_path=str(moved), max_length=64), "", hashes) == fp
+    again = FC.FileHashCache(tmp_path / "h.json")  # a new job: hashes come from the memo file
+    assert FC.encoder_fingerprint(base, "", again) == fp and again.hashed_bytes == 0
+    variants = [FC.encoder_fingerprint(base, "Given a caption: ", hashes)]
+    for change in ({"pooling": "last"}, {"template": "llama3"}, {"attention": "causal"}, {"max_length": 65}):
+        variants.append(FC.encoder_fingerprint(TextEncoderConfig(**{**base.__dict__, **change}), "", hashes))
+    assert len(set(variants + [fp])) == len(variants) + 1
+    # base + LoRA differs from base, and a LoRA change is seen
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    for i, r in enumerate((4, 8)):
+        m = get_peft_model(AutoModel.from_pretrained(str(world["llama"])),
+                           LoraConfig(r=r, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        m.save_pretrained(str(tmp_path / f"lora{i}"))
+    fps = {FC.encoder_fingerprint(TextEncoderConfig(**{**base.__dict__, "lora_path": str(tmp_path / f"lora{i}")}), "", hashes)
+           for i in range(2)}
+    assert len(fps) == 2 and fp not in fps
+
+
+def test_text_feature_cache_computes_only_missing(world, tmp_path):
+    enc, ptok = encoder(world)
+    texts = captions(world, 12)
+    calls: list[list[str]] = []
+
+    class Spy(torch.nn.Module):
+        hidden_size = enc.hidden_size
+
+        def __init__(self):
+            super().__init__()
+            self.inner = enc
+
+        def forward(self, ids, attn, emb):
+            calls.append(ids.shape[0])
+            return self.inner(ids, attn, emb)
+
+    built = []
+
+    def build():
+        built.append(1)
+        return Spy(), ptok
+
+    tcfg = TextEncoderConfig(model_path=str(world["llama"]), attn_implementation="sdpa", max_length=64)
+    cache = tmp_path / "cache"
+    first = FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=build)
+    assert len(built) == 1 and sum(calls) == 8
+    alone = torch.cat([FC.encode_texts(enc, ptok, [t])[0] for t in texts])
+    assert (first - alone[:8]).abs().max() < 1e-4
+
+    def no_llm():
+        raise AssertionError("everything is cached: the LLM must not be loaded")
+
+    again = FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=no_llm)
+    assert torch.equal(again, first)
+    calls.clear()
+    more = FC.cached_text_features(texts[4:] + texts[4:6], cache, tcfg, build_encoder=build)
+    assert len(built) == 2 and sum(calls) == 4, "only the 4 uncached texts are encoded (duplicates once)"
+    assert (more - torch.cat([alone[4:], alone[4:6]])).abs().max() < 1e-4
+    assert len(FC.TextFeatureCache(cache, FC.encoder_fingerprint(tcfg))) == 12
+    # a crash between the two renames (new safetensors, old json) loses nothing already named
+    fp = FC.encoder_fingerprint(tcfg)
+    meta = json.loads((cache / f"text_features-{fp[:16]}.json").read_text())
+    meta["count"], meta["keys"] = 8, meta["keys"][:8]
+    (cache / f"text_features-{fp[:16]}.json").write_text(json.dumps(meta))
+    assert torch.equal(FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=no_llm), first)
+    # another encoder gets its own cache file
+    other = TextEncoderConfig(**{**tcfg.__dict__, "max_length": 32})
+    FC.cached_text_features(texts[:2], cache, other, build_encoder=build)
+    assert len(built) == 3 and len(list(cache.glob("*.safetensors"))) == 2
