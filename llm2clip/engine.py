@@ -62,11 +62,31 @@ def resolve_precision(train: TrainConfig) -> str:
     return train.precision
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    """A DeepSpeed JSON path: as given (absolute or relative to the working directory), else relative to
+    the llm2clip checkout, so `ds_configs/zero3_bf16.json` works from any job directory."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return REPO_ROOT / p
+    raise ConfigError(f"train.deepspeed_config: file not found: {name} (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def read_ds_json(name: str) -> dict:
+    path = resolve_ds_config_path(name)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+
+
 def build_ds_config(train: TrainConfig, optim: OptimConfig, world: int) -> dict:
     """Read the DeepSpeed JSON and fill in the values our config owns (they must be "auto" there)."""
-    path = Path(train.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    path = resolve_ds_config_path(train.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -85,6 +85,14 @@ class EvalDatasetConfig:
                               " (caption-only sets go under cra:)")
         if not self.path:
             raise ConfigError("path must be set")
+        import inspect
+
+        valid = [p for p in inspect.signature(READERS[self.kind]).parameters if p not in ("path", "name")]
+        for k in self.options:
+            if k not in valid:
+                m = difflib.get_close_matches(k, valid, n=1, cutoff=0.5)
+                raise ConfigError(f"options: {self.kind} has no option {k!r}."
+                                  + (f" Did you mean {m[0]!r}?" if m else "") + f" Valid options: {', '.join(valid)}")
         if self.max_missing_fraction is not None and not 0.0 <= self.max_missing_fraction <= 1.0:
             raise ConfigError("max_missing_fraction must be in [0, 1]")
         if len(set(self.templates)) != len(self.templates):
@@ -126,6 +134,9 @@ class EvalRunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # towers' autocast; auto: bf16 on GPU, fp32 on CPU
     text_cache_dir: str = ""  # text feature cache (keyed by encoder fingerprint); "" = off
     progress: bool = True  # tqdm bars on rank 0
+    # also write every feature matrix (image / text features, zero-shot classifiers) per model to
+    # <output stem>_features/<model>.safetensors, e.g. to reuse an ImageNet classifier elsewhere
+    save_features: bool = False
 
     def validate(self) -> None:
         if not self.output:

@@ -34,6 +34,7 @@ class ModelConfig:
     loss: Literal["clip", "siglip"] = "clip"
     local_loss: bool = True
     gather_with_grad: bool = True
+    save_initial: bool = False  # also export the model before any step (<run>/export/initial_model): a baseline
 
 
 @dataclass

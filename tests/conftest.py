@@ -5,6 +5,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LLM2CLIP_HASH_CACHE", "off")  # tests never write weight hashes to ~/.cache
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,6 @@ def tiny_world(tmp_path_factory):
     paths = make_tiny_models(root / "data" / "tokenizer", root / "models")
     return {"root": root, "data": root / "data", "tokenizer": root / "data" / "tokenizer",
             **{k: v for k, v in paths.items()}}
+
+# the session fixture `slurm` (a real single-node Slurm: munge + slurmctld + slurmd), see tests/slurm_cluster.py
+pytest_plugins = ["tests.slurm_cluster"]

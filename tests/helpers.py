@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cmd(args: list[str], env_extra: dict | None = None, timeout: int = 600, check: bool = True,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", **(env_extra or {})}
+           "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "LLM2CLIP_HASH_CACHE": "off", **(env_extra or {})}
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"command failed ({p.returncode}): {' '.join(args)}\n--- stdout\n{p.stdout[-6000:]}"

@@ -366,3 +366,34 @@ def test_text_feature_cache_computes_only_missing(world, tmp_path):
     other = TextEncoderConfig(**{**tcfg.__dict__, "max_length": 32})
     FC.cached_text_features(texts[:2], cache, other, build_encoder=build)
     assert len(built) == 3 and len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_settings_must_match_the_stage1_export(world, tmp_path):
+    from llm2clip.config import ConfigError
+    from llm2clip.tasks.embed import check_export_settings
+
+    export = tmp_path / "merged"
+    shutil.copytree(world["llama"], export)
+    (export / "llm2clip_text.json").write_text(json.dumps({"pooling": "mean", "attention": "bidirectional",
+                                                           "template": "none", "max_length": 64}))
+    check_export_settings(cfg(world, tmp_path / "o", f"text.model_path={export}"))
+    with pytest.raises(ConfigError, match="text.pooling='last'.*pooling='mean'"):
+        check_export_settings(cfg(world, tmp_path / "o", f"text.model_path={export}", "text.pooling=last"))
+    with pytest.raises(ConfigError, match="template"):
+        run_embed(cfg(world, tmp_path / "o", f"text.model_path={export}", "text.template=llama3"))
+
+
+@pytest.mark.parametrize("extra", [("batch.window_shards=3",), ("batch.prefetch=false", "text.padding_side=right",
+                                                                 "batch.token_budget=64")])
+def test_windows_prefetch_and_padding_side_give_the_same_vectors(world, tmp_path, extra):
+    out = tmp_path / "out"
+    summ = run_embed(cfg(world, out, *extra))
+    assert summ["written"] == 5 and summ["captions"] == world["clean_summary"]["captions"]
+    for x in sidecars(world["clean"]):
+        y = out / x.relative_to(world["clean"])
+        assert S.validate_sidecar(y) is None
+        dx, dy = read_sidecar(x), read_sidecar(y)
+        assert list(dx) == list(dy)
+        for k in dx:
+            for n in dx[k]:
+                np.testing.assert_allclose(dx[k][n].astype(np.float32), dy[k][n].astype(np.float32), atol=2e-3, rtol=2e-3)

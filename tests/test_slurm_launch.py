@@ -18,14 +18,8 @@ from pathlib import Path
 
 import pytest
 
-try:  # the session fixture `slurm` comes in as a plugin, shared with any conftest that names it
-    from tests import slurm_cluster
+from tests import slurm_cluster  # the `slurm` fixture comes in via tests/conftest.py
 
-    pytest_plugins = ["tests.slurm_cluster"]
-except ImportError:  # tests/ on sys.path but not the repo root
-    import slurm_cluster
-
-    pytest_plugins = ["slurm_cluster"]
 LocalSlurm = slurm_cluster.LocalSlurm
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,8 +36,9 @@ import yaml  # noqa: E402
 from llm2clip.config import ConfigError, config_to_dict, load_config  # noqa: E402
 from llm2clip.schema_eval import EvalConfig  # noqa: E402
 
-_GENERIC_DIRS = {"model", "merged", "export", "final", "hf", "checkpoint", "latest", "eval", "retrieval",
-                 "classification", "val", "test", "images"}
+# path components that make poor table headings
+_GENERIC = {"models": {"model", "merged", "export", "final", "hf", "checkpoint", "latest", "adapter"},
+            "datasets": {"eval", "images", "data"}, "cra": {"eval", "images", "data"}}
 
 
 def split_options(text: str) -> list[str]:
@@ -79,13 +80,13 @@ def parse_spec(spec: str, flag: str) -> tuple[str | None, str, str, list[tuple[s
     return name, kind.strip(), path, [(k, v) for k, v in pairs if k != "name"]
 
 
-def default_name(kind: str, path: str, taken: set[str]) -> str:
+def default_name(kind: str, path: str, taken: set[str], section: str = "models") -> str:
     """A readable table heading from a path: the last component that is not generic
     (runs/x/stage2/export/model -> stage2), the file stem for files."""
     parts = [p for p in os.path.normpath(path.split("::")[0]).split(os.sep) if p and p not in (".", "..")]
     stems = [os.path.splitext(p)[0] if i == len(parts) - 1 and "." in p else p for i, p in enumerate(parts)]
     stems = [s for s in stems if "*" not in s and "{" not in s and not s.startswith("shard")]
-    name = next((s for s in reversed(stems) if s.lower() not in _GENERIC_DIRS), stems[-1] if stems else kind)
+    name = next((s for s in reversed(stems) if s.lower() not in _GENERIC[section]), stems[-1] if stems else kind)
     base, i = name, 2
     if name in taken:
         base = name = f"{name}-{kind}"
@@ -124,7 +125,8 @@ def quick_overrides(models: list[str], datasets: list[str], cras: list[str], out
                                  ("cra", cras, "--cra")):
         for spec in specs:
             name, kind, path, opts = parse_spec(spec, flag)
-            name = name or default_name(kind, path, taken[section] | (taken["datasets"] if section == "cra" else set()))
+            name = name or default_name(kind, path, taken[section] | (taken["datasets"] if section == "cra" else set()),
+                                        section)
             if name in taken[section]:
                 raise ConfigError(f"{flag} {spec!r}: the name {name!r} is used twice; add name=...")
             taken[section].add(name)
@@ -189,7 +191,8 @@ def parse_config(argv=None) -> EvalConfig:
 
 
 def main(argv=None) -> dict:
-    from llm2clip.eval.readers import AnnotationError, MissingImagesError
+    from llm2clip import distributed as D
+    from llm2clip.eval.readers import AnnotationError, CorruptImageError, MissingImagesError
 
     try:
         cfg = parse_config(argv)
@@ -200,9 +203,13 @@ def main(argv=None) -> dict:
 
     try:
         return run_evaluate(cfg)
-    except (ConfigError, MissingImagesError, AnnotationError, FileNotFoundError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except (ConfigError, MissingImagesError, AnnotationError, CorruptImageError, FileNotFoundError) as e:
+        # input problems: one clear line (every rank raised the same error; rank 0 reports it)
+        if D.world_info().rank == 0:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        D.cleanup()  # a live process group at exit aborts the process (SIGABRT) instead of exiting
 
 
 if __name__ == "__main__":

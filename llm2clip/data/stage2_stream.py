@@ -182,7 +182,7 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         js = JoinStats()
         names = {field_name(f): f for f in fields}
         sc = sidecar_path_for(shard, self.cfg.sidecar)
-        for i, s in enumerate(iter_joined(shard, sc, None, self.fingerprint, js)):
+        for i, s in enumerate(iter_joined(shard, sc, fields, self.fingerprint, js)):
             texts = {names[n]: v for n, v in s["emb"].items() if n in names}
             yield {"idx": i, "key": s["__key__"], "jpg": s["jpg"], "texts": texts}
         stats["skipped_join"] += js.image_only + js.sidecar_only + js.no_image

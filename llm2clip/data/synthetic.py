@@ -456,7 +456,7 @@ def _write_retrieval(out: Path, val: list) -> dict:
         _atomic_write(root / "images" / f"{key}.jpg", jpg)
         raws = [meta["caption"], meta["short_alt"], meta["dense"], meta["dense_alt"]]
         sentids = list(range(4 * imgid, 4 * imgid + 4))
-        images.append({"filename": f"{key}.jpg", "split": "test", "imgid": imgid, "sentids": sentids,
+        images.append({"filepath": "images", "filename": f"{key}.jpg", "split": "test", "imgid": imgid, "sentids": sentids,
                        "sentences": [{"raw": r, "tokens": _karpathy_tokens(r), "imgid": imgid, "sentid": s}
                                      for r, s in zip(raws, sentids)]})
         long_lines.append(_dumps({"image": f"images/{key}.jpg", "caption": meta["dense"]}))

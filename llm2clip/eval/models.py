@@ -53,35 +53,48 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def raise_if_any_failed(error: BaseException | None, what: str) -> None:
-    """Collective error check: every rank calls it once; if any rank failed, every rank raises.
+def _portable(error: BaseException | None) -> BaseException | None:
+    """The exception itself if it survives pickling (so other ranks can raise the same type), else a
+    RuntimeError carrying its message."""
+    if error is None:
+        return None
+    import pickle
 
-    Keeps one rank's exception from leaving the others blocked in the next collective."""
-    msg = None if error is None else f"{type(error).__name__}: {error}"
-    msgs = D.all_gather_object(msg)
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective error check: every rank calls it once; if any rank failed, every rank raises
+    (the failing rank's exception, same type and message), so none is left blocked in the next
+    collective. ``what`` is logged with the failing rank."""
+    errors = D.all_gather_object(_portable(error))
     if error is not None:
         raise error
-    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if bad:
-        r, m = bad[0]
-        raise RuntimeError(f"{what} failed on rank {r}: {m}")
+    for r, e in enumerate(errors):
+        if e is not None:
+            log.warning(f"{what} failed on rank {r}")
+            raise e
 
 
 def on_rank0_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
     """Run ``fn`` on rank 0 only (e.g. reading annotations, hashing weights) and give everyone the
-    result; an exception on rank 0 is raised on every rank."""
+    result; an exception on rank 0 is raised on every rank (same type and message)."""
     result, err = None, None
     if D.get_rank() == 0:
         try:
             result = fn()
         except Exception as e:  # re-raised below on every rank
             err = e
-    box = D.broadcast_object((result, None if err is None else f"{type(err).__name__}: {err}"))
+    result, shared = D.broadcast_object((result, _portable(err)))
     if err is not None:
         raise err
-    if box[1] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {box[1]}")
-    return box[0]
+    if shared is not None:
+        raise shared
+    return result
 
 
 def sharded_map(batches: Sequence[Sequence[int]], n: int,
@@ -129,13 +142,13 @@ def sharded_map(batches: Sequence[Sequence[int]], n: int,
         full[order] = result
         return full
     width = outs[0].shape[1] if outs else -1
-    msg = None if err is None else f"{type(err).__name__}: {err}"
-    status = D.all_gather_object((msg, width))
+    status = D.all_gather_object((_portable(err), width))
     if err is not None:
         raise err
-    for r, (m, _) in enumerate(status):
-        if m is not None:
-            raise RuntimeError(f"{desc} failed on rank {r}: {m}")
+    for r, (e, _) in enumerate(status):
+        if e is not None:
+            log.warning(f"{desc} failed on rank {r}")
+            raise e
     width = max(w for _, w in status)
     dev = collective_device()
     local = torch.cat(outs) if outs else torch.zeros(0, width)
@@ -200,51 +213,64 @@ class LLMText:
 
     def __init__(self, cfg: TextEncoderConfig, run: EvalRunConfig, device: torch.device, label: str,
                  expected_fingerprint: str | None = None, expected_record: dict | None = None,
-                 check_fingerprint: bool = False):
+                 check_fingerprint: bool = False, expected_instruction: str = ""):
         self.cfg, self.run, self.device, self.label = cfg, run, device, label
         self.expected_fingerprint, self.expected_record = expected_fingerprint, expected_record or {}
+        self.expected_instruction = expected_instruction
         self.check_fingerprint = check_fingerprint
         self._encoder = None
         self._ptok = None
         self._fingerprints: dict[str, str] = {}
         self._caches: dict[str, Any] = {}
+        self._records: dict[str, dict] = {}
+        self._verified = False
         self.stats: dict[str, Any] = {"encoded": 0, "from_cache": 0, "fingerprints": {}}
 
     # -- configuration --
     def _need_path(self) -> None:
         if not self.cfg.model_path:
-            raise ConfigError(f"{self.label}: no text encoder path is recorded for this model; set "
-                              f"models.<name>.text.model_path to the stage-1 merged encoder it was trained with")
+            raise ConfigError(f"{self.label}: no text encoder path is recorded for this model and not every text is in "
+                              f"the text feature cache; pass --set {self.label}.text.model_path=<the stage-1 merged "
+                              "encoder it was trained with>")
         try:
             self.cfg.validate()
         except ConfigError as e:
             raise ConfigError(f"{self.label}: {e}") from None
 
     def fingerprint(self, instruction: str) -> str:
-        """Content fingerprint of (encoder, instruction), computed on rank 0 and checked against the
-        one recorded at training time (if any)."""
-        if instruction in self._fingerprints:
-            return self._fingerprints[instruction]
-        from llm2clip.text.feature_cache import FileHashCache, fingerprint_of, fingerprint_record
+        """Content fingerprint of (encoder, instruction), computed on rank 0 (hashes are memoised)."""
+        if instruction not in self._fingerprints:
+            from llm2clip.text.feature_cache import FileHashCache, fingerprint_of, fingerprint_record
 
-        if not self.cfg.model_path and self.expected_fingerprint:
-            fp = self.expected_fingerprint  # no folder to hash: trust the record (cache-only evaluation)
-        else:
-            self._need_path()
-            record = on_rank0_then_broadcast(lambda: fingerprint_record(self.cfg, instruction, FileHashCache()),
-                                             f"{self.label}: fingerprinting {self.cfg.model_path}")
-            fp = fingerprint_of(record)
-            if self.check_fingerprint and self.expected_fingerprint and fp != self.expected_fingerprint:
-                diff = sorted(k for k in record if k in self.expected_record and record[k] != self.expected_record[k])
-                raise ConfigError(
-                    f"{self.label}: the text encoder {self.cfg.model_path} (instruction {instruction!r}) has "
-                    f"fingerprint {fp[:16]}…, but the model was trained on embeddings from {self.expected_fingerprint[:16]}…"
-                    + (f"; they differ in: {', '.join(diff)}" if diff else "")
-                    + ". Point text.model_path (and text.lora_path / pooling / template / max_length) at the encoder "
-                    "stage 2 used, or set check_fingerprint=false to evaluate anyway.")
-        self._fingerprints[instruction] = fp
-        self.stats["fingerprints"][instruction] = fp
-        return fp
+            if not self.cfg.model_path and self.expected_fingerprint and instruction == self.expected_instruction:
+                fp = self.expected_fingerprint  # no folder to hash: trust the record (cache-only evaluation)
+            else:
+                self._need_path()
+                record = on_rank0_then_broadcast(lambda: fingerprint_record(self.cfg, instruction, FileHashCache()),
+                                                 f"{self.label}: fingerprinting {self.cfg.model_path}")
+                fp = fingerprint_of(record)
+                self._records[instruction] = record
+            self._fingerprints[instruction] = fp
+            self.stats["fingerprints"][instruction] = fp
+        return self._fingerprints[instruction]
+
+    def verify(self) -> None:
+        """Refuse an encoder other than the one stage 2 trained on (when a fingerprint was recorded).
+
+        Compares at the recorded instruction; names what differs (weights, tokenizer, pooling, ...)."""
+        if self._verified or not (self.check_fingerprint and self.expected_fingerprint):
+            return
+        fp = self.fingerprint(self.expected_instruction)
+        if fp != self.expected_fingerprint:
+            record = self._records.get(self.expected_instruction, {})
+            diff = sorted(k for k in record if k in self.expected_record and record[k] != self.expected_record[k])
+            raise ConfigError(
+                f"{self.label}: the text encoder {self.cfg.model_path} has fingerprint {fp[:16]}…, but the model was "
+                f"trained on embeddings from {self.expected_fingerprint[:16]}…"
+                + (f" (they differ in: {', '.join(diff)})" if diff else "")
+                + f". Point {self.label}.text.model_path (and text.lora_path / pooling / template / max_length) at "
+                f"the encoder stage 2 used, or set {self.label}.check_fingerprint=false to evaluate anyway.")
+        self._verified = True
 
     # -- loading --
     def tokenizer(self):
@@ -274,14 +300,17 @@ class LLMText:
     # -- encoding --
     def encode_direct(self, texts: list[str], instruction: str = "") -> torch.Tensor:
         """One batch, this process only: ``[B, H]`` raw pooled embeddings (for checks and small jobs)."""
+        self.verify()
         enc = self.encoder()
         batch = self.tokenizer()(texts, instruction).to(self.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             return enc(batch.input_ids, batch.attention_mask, batch.embed_mask).float().cpu()
 
     def features(self, texts: list[str], instruction: str = "", desc: str = "") -> torch.Tensor:
         """Raw embeddings ``[len(texts), H]`` of distinct texts, from the cache where possible;
         the rest computed sharded over ranks (and added to the cache by rank 0)."""
+        if self.cfg.model_path:
+            self.verify()
         cache = None
         todo = list(range(len(texts)))
         if self.run.text_cache_dir:
@@ -334,7 +363,7 @@ class LLMText:
             enc = self.encoder() if mine else None
             for b in mine:
                 batch = collate([encoded[i] for i in b], pad_id, side).to(self.device)
-                with torch.inference_mode():
+                with torch.no_grad():
                     yield enc(batch.input_ids, batch.attention_mask, batch.embed_mask)
 
         return sharded_map(batches, len(texts), run_local, desc or f"{self.label} text", self.run.progress)
@@ -495,15 +524,16 @@ class LLM2ClipEval(EvalModel):
         self.info = info
         self.default_instruction = spec.instruction if spec.instruction is not None else str(info.get("instruction", ""))
         self.llm = LLMText(cfg, run, device, f"models.{name}", expected_fingerprint=info.get("fingerprint"),
-                           expected_record=info, check_fingerprint=spec.check_fingerprint)
+                           expected_record=info, check_fingerprint=spec.check_fingerprint,
+                           expected_instruction=str(info.get("instruction", "")))
 
     def encode_image(self, pixels):
-        with torch.inference_mode(), autocast_for(self.device, self.run.precision):
+        with torch.no_grad(), autocast_for(self.device, self.run.precision):
             return self.model.encode_image(pixels.to(self.device)).float()
 
     def adapt(self, llm_emb: torch.Tensor) -> torch.Tensor:
         """LLM embeddings ``[B, llm_dim]`` -> text features ``[B, embed_dim]``."""
-        with torch.inference_mode(), autocast_for(self.device, self.run.precision):
+        with torch.no_grad(), autocast_for(self.device, self.run.precision):
             return self.model.encode_text_embedding(llm_emb.to(self.device)).float()
 
     def encode_text(self, texts):
@@ -540,6 +570,26 @@ class LLM2ClipEval(EvalModel):
 
 MODEL_CLASSES: dict[str, type[EvalModel]] = {"llm2clip": LLM2ClipEval, "hf_clip": HFClipEval, "text": TextOnlyEval}
 assert set(MODEL_CLASSES) == set(MODEL_KINDS)
+
+
+_REQUIRED_FILES = {"llm2clip": ("llm2clip_config.json", "model.safetensors"),
+                   "hf_clip": ("config.json", "preprocessor_config.json"), "text": ("config.json",)}
+
+
+def check_model_folders(specs: dict[str, EvalModelConfig]) -> None:
+    """Every model folder exists with the files its kind needs; all problems reported at once,
+    before datasets are read or anything is loaded."""
+    problems = []
+    for name, spec in specs.items():
+        if not os.path.isdir(spec.path):
+            problems.append(f"models.{name}.path: folder not found: {spec.path}")
+            continue
+        lacking = [f for f in _REQUIRED_FILES.get(spec.kind, ()) if not os.path.isfile(os.path.join(spec.path, f))]
+        if lacking:
+            problems.append(f"models.{name}.path: {spec.path} is not a {spec.kind} folder (no {', '.join(lacking)}; "
+                            f"{spec.kind}: {MODEL_KINDS[spec.kind]})")
+    if problems:
+        raise FileNotFoundError("\n  ".join([f"{len(problems)} model folder problem(s):"] + problems))
 
 
 def build_model(name: str, spec: EvalModelConfig, run: EvalRunConfig, device: torch.device | None = None) -> EvalModel:

@@ -101,11 +101,14 @@ def assign_lpt(weights: list[int], world: int) -> list[list[int]]:
 
 def check_export_settings(cfg: EmbedConfig) -> None:
     """A stage-1 export records how it was trained; embedding it another way is a silent bug."""
-    info_path = Path(cfg.text.model_path) / "llm2clip_text.json"
-    if not info_path.is_file():
+    t = cfg.text
+    candidates = [Path(t.model_path) / "llm2clip_text.json"]
+    if t.lora_path:  # base + adapter from a stage-1 export: <run>/export/{adapter,merged}
+        candidates += [Path(t.lora_path) / "llm2clip_text.json", Path(t.lora_path).parent / "merged" / "llm2clip_text.json"]
+    info_path = next((p for p in candidates if p.is_file()), None)
+    if info_path is None:
         return
     info = json.loads(info_path.read_text())
-    t = cfg.text
     for key, mine, theirs in (("pooling", t.pooling, info.get("pooling")), ("attention", t.attention, info.get("attention")),
                               ("template", TEMPLATES.get(t.template, t.template),
                                TEMPLATES.get(info.get("template", ""), info.get("template")))):
@@ -328,6 +331,14 @@ def _write_indexes(cfg: EmbedConfig, jobs: list[ShardJob], manifests: dict[str, 
     return written
 
 
+def _encoder_location(cfg: EmbedConfig) -> dict[str, str]:
+    """Where the encoder was (not part of the fingerprint): lets stage 2 and evaluation find it again."""
+    t = cfg.text
+    absp = (lambda p: str(Path(p).resolve()) if p else "")
+    return {"model_path": absp(t.model_path), "tokenizer_path": absp(t.tokenizer_path), "lora_path": absp(t.lora_path),
+            "padding_side": t.padding_side, "pad_token": t.pad_token}
+
+
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run the embed job on this rank (any world size); returns the summary on every rank."""
     from llm2clip.logger import setup_logging
@@ -404,7 +415,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
                "tokens_per_s": round(st.tokens / seconds, 1), "world_size": world, "fingerprint": fp,
                "encode_seconds_per_rank": [r["stats"]["seconds"] for r in results], "indexes": []}
     if rank == 0:
-        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, record)
+        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, {**record, **_encoder_location(cfg)})
         path = cfg.run.summary_path or (str(Path(cfg.output.out_dir) / "embed_summary.json") if cfg.output.out_dir else "")
         if path:
             atomic_write_text(path, json.dumps({**summary, "errors": errors}, indent=1))

@@ -31,7 +31,7 @@ import torch
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text, config_to_dict
 from llm2clip.eval import metrics as M
-from llm2clip.eval.models import (EvalModel, build_model, fixed_batches, normalize, on_rank0_then_broadcast,
+from llm2clip.eval.models import (EvalModel, build_model, check_model_folders, fixed_batches, normalize, on_rank0_then_broadcast,
                                   raise_if_any_failed, resolve_device, sharded_map)
 from llm2clip.eval.readers import (READERS, AnnotationError, ClassificationSet, ImageLoader, MissingImagesError,
                                    RetrievalSet, check_missing, read_dataset)
@@ -285,8 +285,9 @@ def _check_dims(model: EvalModel, img: torch.Tensor, txt: torch.Tensor, name: st
                          f"features {txt.shape[1]}-wide")
 
 
-def score(model: EvalModel, p: Prepared, img: torch.Tensor | None, text: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics of one model on one dataset (percentages)."""
+def score(model: EvalModel, p: Prepared, img: torch.Tensor | None, text: dict[str, torch.Tensor],
+          keep: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Metrics of one model on one dataset (percentages). ``keep`` receives the zero-shot classifiers."""
     if p.task == "retrieval":
         txt = text[p.name]
         _check_dims(model, img, txt, p.name)
@@ -298,6 +299,8 @@ def score(model: EvalModel, p: Prepared, img: torch.Tensor | None, text: dict[st
             feats = text[f"{p.name}\x00{label}"]
             _check_dims(model, img, feats, p.name)
             w = M.zeroshot_classifier(feats.view(len(p.data.classnames), len(templates), -1))
+            if keep is not None:
+                keep[f"{p.name}/classifier/{label}"] = w
             acc = M.zeroshot_accuracy(100.0 * normalize(img) @ w.T, labels, ks=(1, 5))
             suffix = "" if len(p.template_sets) == 1 else f"/{label}"
             out.update({f"{k}{suffix}": v for k, v in acc.items()})
@@ -307,31 +310,44 @@ def score(model: EvalModel, p: Prepared, img: torch.Tensor | None, text: dict[st
     return M.caption_retrieval_accuracy(feats[:n], feats[n:], p.data.texts1, p.data.texts2)
 
 
-def evaluate_model(model: EvalModel, prepared: dict[str, Prepared], run: EvalRunConfig) -> tuple[dict, dict]:
-    """-> ({dataset: metrics or None}, timing) for one loaded model."""
-    timing: dict[str, Any] = {}
+def evaluate_model(model: EvalModel, prepared: dict[str, Prepared], run: EvalRunConfig,
+                   keep: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """-> ({dataset: metrics, or None where the model does not apply}, timing) for one loaded model.
+
+    ``keep`` (optional) receives every feature matrix: ``<dataset>/image``, ``<dataset>/text``,
+    ``<dataset>/text/<template set>``, ``<dataset>/classifier/<template set>`` (float32, un-normalised
+    except the unit-norm classifiers)."""
     t0 = time.perf_counter()
     text = text_pass(model, prepared)
     model.release_text_encoder()
-    timing["text_s"] = round(time.perf_counter() - t0, 3)
+    timing: dict[str, Any] = {"text_s": round(time.perf_counter() - t0, 3),
+                              "texts": sum(len(v) for v in text.values()), "datasets": {}}
+    if keep is not None:
+        keep.update({"/text/".join(k.split("\x00")) if "\x00" in k else f"{k}/text": v for k, v in text.items()})
     results: dict[str, Any] = {}
     for name, p in prepared.items():
         if p.task != "cra" and not model.has_images:
             results[name] = None  # text-only models take part in CRA only
             continue
-        t = time.perf_counter()
+        dt: dict[str, float] = {}
         img = None
         if p.task != "cra":
-            img = encode_images(model, p.image_refs(), run, f"{model.name} · {name}: {len(p.image_refs())} images")
-            timing[f"{name}.images_s"] = round(time.perf_counter() - t, 3)
+            refs = p.image_refs()
+            t = time.perf_counter()
+            img = encode_images(model, refs, run, f"{model.name} · {name}: {len(refs)} images")
+            dt["images_s"] = round(time.perf_counter() - t, 3)
+            dt["images_per_s"] = round(len(refs) / max(dt["images_s"], 1e-9), 1)
+            if keep is not None:
+                keep[f"{name}/image"] = img
         t = time.perf_counter()
         err = None
         try:
-            results[name] = score(model, p, img, text)
+            results[name] = score(model, p, img, text, keep)
         except Exception as e:  # identical on every rank, but checked collectively to be safe
             err = e
         raise_if_any_failed(err, f"scoring {model.name} on {name}")
-        timing[f"{name}.metrics_s"] = round(time.perf_counter() - t, 3)
+        dt["metrics_s"] = round(time.perf_counter() - t, 3)
+        timing["datasets"][name] = dt
     return results, timing
 
 
@@ -380,6 +396,24 @@ def markdown_table(results: dict[str, dict[str, Any]], prepared: dict[str, Prepa
     return "\n".join(lines) + "\n\n" + "\n".join(sizes) + "\n"
 
 
+def features_dir(output: str) -> Path:
+    out = Path(output)
+    return out.with_name(out.stem + "_features")
+
+
+def save_features(tensors: dict[str, torch.Tensor], output: str, model_name: str) -> Path:
+    """``<output stem>_features/<model>.safetensors`` (rank 0), written to a temporary name first."""
+    from safetensors.torch import save_file
+
+    d = features_dir(output)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{model_name}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"model": model_name})
+    os.replace(tmp, path)
+    return path
+
+
 def write_outputs(report: dict[str, Any], table: str, output: str) -> tuple[Path, Path]:
     out = Path(output)
     md = out.with_suffix(".md")
@@ -398,14 +432,14 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     world = D.get_world_size()
     device = resolve_device(cfg.run.device)
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    on_rank0_then_broadcast(lambda: check_model_folders(cfg.models), "checking the model folders")
     t = time.perf_counter()
     prepared = read_all(cfg)
     timing: dict[str, Any] = {"read_datasets_s": round(time.perf_counter() - t, 3), "models": {}}
     log.info("datasets: " + ", ".join(f"{n} ({p.task})" for n, p in prepared.items()))
     results: dict[str, dict[str, Any]] = {}
     described: dict[str, Any] = {}
+    feature_files: dict[str, str] = {}
     for name, spec in cfg.models.items():
         t = time.perf_counter()
         model = None
@@ -417,7 +451,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise_if_any_failed(err, f"loading models.{name}")
         load_s = round(time.perf_counter() - t, 3)
         log.info(f"models.{name}: {spec.kind} {spec.path} loaded in {load_s:.1f}s")
-        results[name], mt = evaluate_model(model, prepared, cfg.run)
+        keep: dict[str, torch.Tensor] | None = {} if cfg.run.save_features and D.get_rank() == 0 else None
+        results[name], mt = evaluate_model(model, prepared, cfg.run, keep)
+        if keep:
+            feature_files[name] = str(save_features(keep, cfg.run.output, name))
         described[name] = model.describe()
         timing["models"][name] = {"load_s": load_s, **mt, "total_s": round(time.perf_counter() - t, 3)}
         del model
@@ -435,6 +472,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "datasets": {n: p.info for n, p in prepared.items()},
         "results": results,
         "timing": timing,
+        "feature_files": feature_files,
         "config": config_to_dict(cfg),
     }
     table = markdown_table(results, prepared, baseline)

@@ -12,7 +12,7 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
-from llm2clip.engine import Trainer, build_ds_config, ensure_deepspeed_comm, resolve_precision
+from llm2clip.engine import Trainer, build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision
 from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
 from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
@@ -20,7 +20,7 @@ from llm2clip.text.tokenize import PromptTokenizer, TextBatch
 
 
 def zero_stage(cfg: Stage1Config) -> int:
-    ds = json.loads(Path(cfg.train.deepspeed_config).read_text())
+    ds = read_ds_json(cfg.train.deepspeed_config)
     return cfg.train.zero_stage if cfg.train.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)
 
 

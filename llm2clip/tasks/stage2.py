@@ -17,7 +17,8 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError
 from llm2clip.data.shards import expand_shards, iter_tar_samples, get_caption
-from llm2clip.data.sidecar import JoinStats, check_sidecars, iter_joined, load_index, read_manifest, sidecar_path_for
+from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, iter_joined, load_index, read_manifest,
+                                   sidecar_path_for)
 from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader
 from llm2clip.data.transforms import eval_transform
 from llm2clip.engine import Trainer, resolve_precision
@@ -68,7 +69,7 @@ def preflight_sidecars(cfg: Stage2Config) -> dict[str, Any]:
         raise ConfigError(f"data.shards: the sidecars come from {len(fps)} different encoders (fingerprints "
                           f"{sorted(fps)[:3]}) / widths {sorted(widths)}; re-embed or set data.fingerprint")
     fp, width = fps.pop(), widths.pop()
-    idx = load_index(Path(sidecar_path_for(shards[0], cfg.data.sidecar)).parent / "index.json") or {}
+    idx = load_index(index_path_for(sidecar_path_for(shards[0], cfg.data.sidecar), cfg.data.sidecar)) or {}
     return {"fingerprint": fp, "width": width, "encoder": idx.get("encoder", {})}
 
 
@@ -117,6 +118,8 @@ class Stage2Task:
         self.model = LLM2CLIPModel(tower, self.llm_dim, c.model.embed_dim, c.model.adapter_blocks,
                                    c.model.adapter_expansion, c.model.adapter_dropout,
                                    logit_bias=c.model.loss == "siglip", text_encoder_info=info)
+        if c.model.save_initial and self.rank == 0:
+            self.model.save_pretrained(Path(c.run.output_dir) / "export" / "initial_model")
         return self.model
 
     def param_groups(self, module: nn.Module) -> list[dict]:

@@ -342,20 +342,22 @@ def cached_text_features(texts: Sequence[str], cache_dir: str | os.PathLike, tex
     if missing:
         world, rank = (D.get_world_size(), D.get_rank()) if sharded else (1, 0)
         mine = missing[rank::world]
-        if encoder is None:
-            if build_encoder is not None:
-                encoder = build_encoder()
-            else:
-                from llm2clip.text.encoder import build_text_encoder
+        feats = np.zeros((0, 0), dtype=np.float32)
+        if mine:  # a rank with nothing to encode never loads the LLM
+            if encoder is None:
+                if build_encoder is not None:
+                    encoder = build_encoder()
+                else:
+                    from llm2clip.text.encoder import build_text_encoder
 
-                enc, ptok = build_text_encoder(text_cfg)
-                dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-                encoder = (enc.to(dev).eval().requires_grad_(False), ptok)
-        enc, ptok = encoder
-        dev = device or next(enc.parameters()).device
-        feats, _ = encode_texts(enc, ptok, mine, instruction, token_budget, max_batch_size, dev) if mine else \
-            (torch.zeros(0, enc.hidden_size), None)
-        parts = D.all_gather_object((mine, feats.numpy())) if world > 1 else [(mine, feats.numpy())]
+                    enc, ptok = build_text_encoder(text_cfg)
+                    dev = device or (torch.device("cuda", torch.cuda.current_device())
+                                     if torch.cuda.is_available() else "cpu")
+                    encoder = (enc.to(dev).eval().requires_grad_(False), ptok)
+            enc, ptok = encoder
+            dev = device or next(enc.parameters()).device
+            feats = encode_texts(enc, ptok, mine, instruction, token_budget, max_batch_size, dev)[0].numpy()
+        parts = D.all_gather_object((mine, feats)) if world > 1 else [(mine, feats)]
         for ts, fs in parts:
             if ts:
                 cache.add(ts, fs)
