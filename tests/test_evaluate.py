@@ -253,7 +253,7 @@ def test_specs_and_errors(world, tmp_path, capsys):
     fails(["--model", f"hf_clip:{world['clip']}", *ds[:1], ds[1] + ",max_captions=5"],
           "no option 'max_captions'", "max_captions_per_image")
     fails(["--model", f"llm2clip:{world['clip']}", *ds], "not a llm2clip folder", "llm2clip_config.json")
-    fails(["--model", f"hf_clip:{world['clip']}", "--set", "models.clip.text.model_path=/x", *ds],
+    fails(["--model", f"clip=hf_clip:{world['clip']}", "--set", "models.clip.text.model_path=/x", *ds],
           "text overrides apply to llm2clip and text models")
     fails(["--model", f"text:{world['llama']}", *ds], "datasets need an image-text model")
     bad = tmp_path / "pairs.jsonl"

@@ -23,9 +23,12 @@ def main(argv=None) -> dict:
     p.add_argument("--shard-size", type=int, default=500, help="samples per tar shard")
     p.add_argument("--cls-per-class", type=int, default=20, help="zero-shot classification images per class")
     p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--cls-attr", choices=["shape", "color"], default="shape",
+                   help="what the zero-shot classes are: the single object's shape or its colour")
     a = p.parse_args(argv)
     summary = generate(a.out, n_train=a.train, n_val=a.val, seed=a.seed, image_size=a.image_size,
-                       shard_size=a.shard_size, cls_per_class=a.cls_per_class, jpeg_quality=a.jpeg_quality)
+                       shard_size=a.shard_size, cls_per_class=a.cls_per_class, jpeg_quality=a.jpeg_quality,
+                       cls_attr=a.cls_attr)
     print(json.dumps(summary, indent=2))
     return summary
 

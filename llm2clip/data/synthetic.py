@@ -74,6 +74,8 @@ _OTHER_INSTRUCTIONS = (
 )
 CLASSIFICATION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a drawing of a {}.",
                             "an image of a {}.", "a {} shape.", "a {} on a plain background.")
+COLOR_TEMPLATES = ("a {} shape.", "a picture of a {} shape.", "a drawing of a {} shape.",
+                   "an image of a {} object.", "a {} shape on a plain background.")
 JPEG_QUALITY = 95
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")  # ids 0..3, in this order
@@ -166,7 +168,7 @@ def _cap(text: str) -> str:
 # ---------------------------------------------------------------- scenes and pixels
 
 def sample_scene(rng: random.Random, image_size: int, n_objects: int | None = None,
-                 shape: str | None = None) -> dict:
+                 shape: str | None = None, color: str | None = None) -> dict:
     """Draw a random scene: 1-3 objects in distinct cells of a 3x3 grid, listed in reading order.
 
     Each object records shape, color, size, position, grid row/col, pixel centre (x, y), circumradius
@@ -177,7 +179,7 @@ def sample_scene(rng: random.Random, image_size: int, n_objects: int | None = No
     cell = image_size / 3.0
     objects = []
     for row, col in cells:
-        color = rng.choice(list(COLORS))
+        color = rng.choice(list(COLORS)) if color is None else color
         size = rng.choice(list(SIZES))
         objects.append({
             "shape": shape if shape is not None else rng.choice(SHAPES), "color": color, "size": size,
@@ -466,19 +468,25 @@ def _write_retrieval(out: Path, val: list) -> dict:
     return {"images": len(images), "captions": 4 * len(images), "long_pairs": len(long_lines)}
 
 
-def _write_classification(out: Path, per_class: int, seed: int, image_size: int, jpeg_quality: int) -> dict:
+def _write_classification(out: Path, per_class: int, seed: int, image_size: int, jpeg_quality: int,
+                          attr: str = "shape") -> dict:
+    """Single-object images, one folder per class; the class is the object's shape or its colour."""
     root = out / "eval" / "classification"
-    for shape in SHAPES:
+    classes = sorted(SHAPES) if attr == "shape" else sorted(COLORS)
+    for stale in (p for p in root.iterdir() if p.is_dir() and p.name not in classes) if root.is_dir() else ():
+        shutil.rmtree(stale)
+    for cls in classes:
         names = set()
         for n in range(per_class):
-            rng = random.Random(f"llm2clip-synthetic:{seed}:cls:{shape}:{n}")
-            scene = sample_scene(rng, image_size, n_objects=1, shape=shape)
+            rng = random.Random(f"llm2clip-synthetic:{seed}:cls:{cls}:{n}")
+            scene = sample_scene(rng, image_size, n_objects=1, **{attr: cls})
             names.add(f"{n:05d}.jpg")
-            _atomic_write(root / shape / f"{n:05d}.jpg", encode_jpeg(render_scene(scene), jpeg_quality))
-        _remove_stale(root / shape, r"\d{5}\.jpg", names)
-    _atomic_write(root / "classnames.txt", "".join(s + "\n" for s in SHAPES))
-    _atomic_write(root / "templates.txt", "".join(t + "\n" for t in CLASSIFICATION_TEMPLATES))
-    return {"classes": len(SHAPES), "per_class": per_class, "images": len(SHAPES) * per_class}
+            _atomic_write(root / cls / f"{n:05d}.jpg", encode_jpeg(render_scene(scene), jpeg_quality))
+        _remove_stale(root / cls, r"\d{5}\.jpg", names)
+    templates = CLASSIFICATION_TEMPLATES if attr == "shape" else COLOR_TEMPLATES
+    _atomic_write(root / "classnames.txt", "".join(c + "\n" for c in classes))
+    _atomic_write(root / "templates.txt", "".join(t + "\n" for t in templates))
+    return {"classes": len(classes), "attribute": attr, "per_class": per_class, "images": len(classes) * per_class}
 
 
 def _readme(summary: dict, args: dict) -> str:
@@ -506,7 +514,7 @@ backgrounds {', '.join(BACKGROUNDS)}. Captions say left/right: do not flip image
 
 def generate(out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 500, seed: int = 0,
              image_size: int = 64, shard_size: int = 500, cls_per_class: int = 20,
-             jpeg_quality: int = JPEG_QUALITY) -> dict:
+             jpeg_quality: int = JPEG_QUALITY, cls_attr: str = "shape") -> dict:
     """Write the whole synthetic dataset under ``out_dir`` and return a summary of counts.
 
     ``seconds`` in the summary is wall time; nothing time-dependent is written to disk.
@@ -523,13 +531,16 @@ def generate(out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 500, 
     val: list = []
     summary["val"] = _write_split(out, "val", n_val, seed, image_size, shard_size, jpeg_quality, val)
     summary["retrieval"] = _write_retrieval(out, val)
-    summary["classification"] = _write_classification(out, cls_per_class, seed, image_size, jpeg_quality)
+    if cls_attr not in ("shape", "color"):
+        raise ValueError(f"cls_attr must be 'shape' or 'color', not {cls_attr!r}")
+    summary["classification"] = _write_classification(out, cls_per_class, seed, image_size, jpeg_quality, cls_attr)
     summary["images_seconds"] = round(time.perf_counter() - t0, 3)
     tokenizer = build_tokenizer()
     summary["tokenizer"] = {"path": str(write_tokenizer(out / "tokenizer", tokenizer)),
                             "vocab_size": len(tokenizer)}
     args = {"n_train": n_train, "n_val": n_val, "seed": seed, "image_size": image_size,
-            "shard_size": shard_size, "cls_per_class": cls_per_class, "jpeg_quality": jpeg_quality}
+            "shard_size": shard_size, "cls_per_class": cls_per_class, "jpeg_quality": jpeg_quality,
+            "cls_attr": cls_attr}
     _atomic_write(out / "README.txt", _readme(summary, args))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
