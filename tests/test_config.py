@@ -65,3 +65,17 @@ def test_cli_rejects_bad_key_before_model_load(tmp_path):
     p = run_cmd(["python", str(ROOT / "tools/train_stage1.py"), "--set", "text.model_path=/m",
                  "--set", "data.sources=[{path: /d}]", "--set", "optim.lrr=1"], check=False, timeout=60)
     assert p.returncode != 0 and "optim.lrr" in p.stderr + p.stdout and "optim.lr" in p.stderr + p.stdout
+
+
+def test_every_shipped_config_validates():
+    """configs/**.yaml are documentation users copy: they must stay valid as the schema evolves."""
+    from tests.helpers import ROOT
+    from llm2clip.schema_embed import EmbedConfig
+    from llm2clip.schema_eval import EvalConfig
+    from llm2clip.schema_stage2 import Stage2Config
+    kinds = {"stage1": Stage1Config, "embed": EmbedConfig, "stage2": Stage2Config, "eval": EvalConfig}
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        cls = next(c for k, c in kinds.items() if f.name.startswith(k))
+        load_config(cls, f)

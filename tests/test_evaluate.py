@@ -228,7 +228,7 @@ def test_specs_and_errors(world, tmp_path, capsys):
     ov = tool.quick_overrides(["llm2clip:runs/s2/export/model", "mine=hf_clip:/m/clip",
                                "text:/m/merged,text.max_length=64,name=enc"],
                               ["karpathy:/d/coco.json,images_root=/d/img,max_captions_per_image=5",
-                               "imagefolder:/d/in/val,templates=openai80|simple"],
+                               "imagefolder:/d/in/val,templates=openai80+simple"],
                               ["shards:/d/val/{000..009}.tar,fields=txt|json:short_alt,max_samples=100"], "o.json")
     cfg = load_config(EvalConfig, None, ov)
     assert list(cfg.models) == ["s2", "mine", "enc"] and cfg.models["enc"].text == {"max_length": 64}

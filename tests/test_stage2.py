@@ -137,3 +137,35 @@ def test_width_mismatch_fingerprint_and_missing_sidecar_fail_early(tiny_world, e
     assert "deadbeef" in err
     err = _fails_before_training(tiny_world, embedded, tmp_path, "--set", f"data.sidecar.out_dir={tmp_path}/none")
     assert "no complete sidecar" in err and "embed_captions.py" in err
+
+
+def test_corrupt_image_is_skipped_and_counted(tiny_world, embedded, tmp_path):
+    """A JPEG whose bytes are garbage (same size, so the sidecar still validates) is skipped and counted."""
+    import shutil
+    import tarfile
+    from llm2clip.config import load_config
+    from llm2clip.data.stage2_stream import Stage2Stream, make_loader
+    from llm2clip.schema_stage2 import Stage2Config
+    w = tiny_world
+    (tmp_path / "data/train").mkdir(parents=True)
+    (tmp_path / "emb/train").mkdir(parents=True)
+    src = w["data"] / "train/shard-000000.tar"
+    dst = tmp_path / "data/train/shard-000000.tar"
+    shutil.copy(src, dst)
+    for f in ("shard-000000.tar", "shard-000000.manifest.json"):
+        shutil.copy(embedded / "train" / f, tmp_path / "emb/train" / f)
+    with tarfile.open(dst) as tf:
+        victims = [m for m in tf.getmembers() if m.name.endswith(".jpg")][3:5]
+    with open(dst, "r+b") as fh:
+        for m in victims:
+            fh.seek(m.offset_data)
+            fh.write(b"\x00" * m.size)
+    args = [a for a in stage2_args(w, tmp_path / "emb", tmp_path / "run") if a != "--set"]
+    cfg = load_config(Stage2Config, None, args + [f"data.shards={dst}", f"data.sidecar.image_root={tmp_path}/data"])
+    ds = Stage2Stream(cfg.data, 50, 0, 0, 1, 64, (0.5,) * 3, (0.5,) * 3, False)
+    batches = [b for _, b in zip(range(4), make_loader(ds, 0))]  # 200 samples: the whole shard
+    keys = [k for b in batches for k in b["keys"]]
+    bad = {m.name.split(".")[0] for m in victims}
+    assert batches[-1]["_stats"]["corrupt_images"] == 2
+    assert not bad & set(keys[:198])  # the damaged samples never reach the model
+    assert all(b["pixels"].shape == (50, 3, 64, 64) for b in batches)

@@ -5,7 +5,7 @@
     python tools/eval_zero_shot.py \\
         --model ours=llm2clip:runs/stage2/export/model --model hf_clip:models/clip-vit-l-14 \\
         --dataset karpathy:data/coco/dataset_coco.json,images_root=data/coco,name=coco \\
-        --dataset imagefolder:data/imagenet/val,templates=openai80|simple \\
+        --dataset imagefolder:data/imagenet/val,templates=openai80+simple \\
         --cra karpathy:data/coco/dataset_coco.json,name=coco_cra --model text:runs/stage1/export/merged \\
         --output results/eval.json
     torchrun --nproc_per_node 8 tools/eval_zero_shot.py --config ...      (or srun; same flags)
@@ -13,11 +13,12 @@
 Quick specs (repeatable; they add entries to the config's models / datasets / cra):
   --model   [NAME=]KIND:PATH[,name=N][,instruction=S][,check_fingerprint=false][,text.FIELD=V...]
             KIND: llm2clip (stage-2 export) | hf_clip (baseline CLIP folder) | text (LLM / stage-1 encoder, CRA only)
-  --dataset [NAME=]KIND:PATH[,name=N][,templates=A|B][,max_missing_fraction=F][,READER_OPTION=V...]
+  --dataset [NAME=]KIND:PATH[,name=N][,templates=A+B][,max_missing_fraction=F][,READER_OPTION=V...]
             KIND: a reader of llm2clip/eval/readers.py (karpathy, imagefolder, wds_retrieval, docci, ...)
-  --cra     [NAME=]KIND:PATH[,name=N][,fields=A|B][,split=S][,max_samples=N][,instruction=S]
+  --cra     [NAME=]KIND:PATH[,name=N][,fields=A+B][,split=S][,max_samples=N][,instruction=S]
             KIND: shards (glob / brace list) | jsonl | karpathy
-Options are comma-separated (commas inside {..} brace lists belong to the path); list values use '|'.
+Options are comma-separated (commas inside {..} brace lists belong to the path); list values are
+joined with '+' (or '|', quoted for the shell), or the key is repeated: templates=openai80,templates=simple.
 Every entry is also reachable with --set, e.g. --set models.ours.text.model_path=/x/merged.
 Outputs: the JSON at --output / run.output and a markdown table next to it (.md), printed at the end.
 """
@@ -27,6 +28,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,6 +101,10 @@ def _q(v) -> str:
     return json.dumps(v)  # a JSON scalar / list is valid YAML: the value arrives exactly as typed
 
 
+def _list(v: str) -> list[str]:
+    return [x for x in re.split(r"[+|]", v) if x]
+
+
 def _typed(v: str):
     try:
         return yaml.safe_load(v) if v.strip() else ""
@@ -143,7 +149,7 @@ def quick_overrides(models: list[str], datasets: list[str], cras: list[str], out
                         out.append(f"{pre}.{k}={v}")
                 elif section == "datasets":
                     if k == "templates":
-                        lists.setdefault(k, []).extend(x for x in v.split("|") if x)
+                        lists.setdefault(k, []).extend(_list(v))
                     elif k == "max_missing_fraction":
                         out.append(f"{pre}.{k}={v}")
                     else:
@@ -151,7 +157,7 @@ def quick_overrides(models: list[str], datasets: list[str], cras: list[str], out
                         out.append(f"{pre}.options.{k}={_q(val)}")
                 else:
                     if k == "fields":
-                        lists.setdefault(k, []).extend(x for x in v.split("|") if x)
+                        lists.setdefault(k, []).extend(_list(v))
                     elif k in ("instruction", "split"):
                         out.append(f"{pre}.{k}={_q(v)}")
                     else:

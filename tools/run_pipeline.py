@@ -120,7 +120,8 @@ def final_table(summary: dict, results: dict, n_val: int) -> str:
     s1 = summary["stage1"]
     rows = ["", "## LLM2CLIP on the embedded default (tiny models, synthetic data)", "",
             "| measure | value |", "|---|---|",
-            f"| CRA before stage 1 (held-out, chance {100 / n_val:.2f}%) | {s1['eval_start']['eval/cra']:.1f} |",
+            f"| CRA before stage 1 (held-out {n_val} pairs, chance {100 / (2 * n_val - 1):.2f}) "
+            f"| {s1['eval_start']['eval/cra']:.1f} |",
             f"| CRA after stage 1 | {s1['eval_end']['eval/cra']:.1f} |"]
     res = results["results"]  # model -> dataset -> metric
     models = list(res)
@@ -135,7 +136,7 @@ def final_table(summary: dict, results: dict, n_val: int) -> str:
             ch = (100 / n_classes[ds]) if metric == "top1" and n_classes.get(ds) else chance.get(ds)
             vals = " | ".join(f"{res[m].get(ds, {}).get(metric, float('nan')):.1f}" for m in models)
             rows.append(f"| {ds} | {metric} | {vals} | {ch:.1f} |" if ch else f"| {ds} | {metric} | {vals} | |")
-    rows.append(f"| wall time | {summary['seconds']:.0f} s |")
+    rows.append(f"\nAll figures in %. Wall time {summary['seconds']:.0f} s; outputs in {summary['out']}.")
     return "\n".join(rows)
 
 

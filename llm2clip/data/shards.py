@@ -94,7 +94,14 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
                     cur = {"__key__": key, "__shard__": path, "__index__": index}
                 if index >= skip and (want is None or ext in want):
                     f = tf.extractfile(m)
-                    cur[ext] = f.read() if f is not None else b""
+                    data = f.read() if f is not None else b""
+                    if len(data) != m.size:
+                        raise EOFError(f"member {m.name} is truncated ({len(data)} of {m.size} bytes)")
+                    cur[ext] = data
+            end = tf.offset
+            if not _has_end_marker(path, end):
+                # tarfile ends a cut-off archive silently; a complete one has two zero blocks here
+                raise EOFError(f"no end-of-archive marker after byte {end}: the file is truncated")
             if cur is not None and index >= skip:
                 yield cur
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -102,6 +109,16 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
         log.warning(msg)
         if stats is not None:
             stats.read_errors.append(msg)
+
+
+def _has_end_marker(path: str, offset: int) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            tail = fh.read(1024)
+    except OSError:
+        return True  # not a seekable file (a pipe): nothing to check
+    return len(tail) == 1024 and not tail.strip(b"\0")
 
 
 class CaptionFieldError(KeyError):
