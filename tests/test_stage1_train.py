@@ -23,10 +23,12 @@ def stage1_args(w, out, *extra):
 @pytest.mark.slow
 def test_zero3_lora_two_process_learns(tiny_world, tmp_path):
     """Threshold: held-out CRA (200 pairs, chance 0.25%) ends >= 15 points above its start and above 25%;
-    the mean loss of the last 5 steps is below 70% of the first 5."""
+    the mean loss of the last 5 steps is below 70% of the first 5. Runs with gradient checkpointing on:
+    PEFT + ZeRO-3 + checkpointing is the combination that breaks upstream (transformers #47254)."""
     out = tmp_path / "run"
     torchrun(TRAIN, stage1_args(tiny_world, out, "--set", "train.max_steps=30", "--set", "train.eval_every=15",
-                                "--set", "train.save_every=15"), timeout=600)
+                                "--set", "train.save_every=15", "--set", "text.gradient_checkpointing=true"),
+             timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     start, end = summary["eval_start"]["eval/cra"], summary["eval_end"]["eval/cra"]
     assert end >= start + 15 and end > 25, (start, end)
@@ -63,9 +65,10 @@ def _check_merged_matches_base_plus_adapter(w, out):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted(tiny_world, tmp_path):
-    """Train N=4 steps, stop, resume to 2N: steps N+1..2N have the losses of an uninterrupted 2N run."""
+    """Train N=4 steps, stop, resume to 2N: steps N+1..2N have the losses of an uninterrupted 2N run
+    (with gradient accumulation over 2 micro-batches, so the data position inside a step matters)."""
     common = ["--set", "train.max_steps=8", "--set", "train.eval_every=0", "--set", "train.save_every=4",
-              "--set", "data.val_path=", "--set", "train.micro_batch_size=16"]
+              "--set", "data.val_path=", "--set", "train.micro_batch_size=16", "--set", "train.grad_accum=2"]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun(TRAIN, stage1_args(tiny_world, full, *common), timeout=300)
     torchrun(TRAIN, stage1_args(tiny_world, part, *common, "--set", "train.stop_after=4"), timeout=300)
@@ -77,4 +80,4 @@ def test_resume_matches_uninterrupted(tiny_world, tmp_path):
     for s in range(1, 9):
         assert abs(lf[s] - lp[s]) < 1e-5, (s, lf[s], lp[s])
     st = json.loads((part / "checkpoints/step_00000008/trainer_state.json").read_text())
-    assert st["step"] == 8 and st["samples_seen"] == 8 * 16 * 2
+    assert st["step"] == 8 and st["samples_seen"] == 8 * 16 * 2 * 2
