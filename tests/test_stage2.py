@@ -169,3 +169,19 @@ def test_corrupt_image_is_skipped_and_counted(tiny_world, embedded, tmp_path):
     assert batches[-1]["_stats"]["corrupt_images"] == 2
     assert not bad & set(keys[:198])  # the damaged samples never reach the model
     assert all(b["pixels"].shape == (50, 3, 64, 64) for b in batches)
+
+
+def test_datasets_mix_by_weight_and_by_size(tiny_world, embedded):
+    from llm2clip.config import load_config
+    from llm2clip.data.stage2_stream import Stage2Stream, dataset_weights, dataset_shards, make_loader
+    from llm2clip.schema_stage2 import Stage2Config
+    w = tiny_world
+    spec = f"{w['data']}/train/shard-00000{{0..2}}.tar::{w['data']}/train/shard-000003.tar"
+    assert dataset_weights(dataset_shards(spec), []) == [600.0, 200.0]  # default: by sample count
+    args = [a for a in stage2_args(w, embedded, "/tmp/x") if a != "--set"]
+    for weights, lo, hi in (([], 0.65, 0.85), ([1, 1], 0.4, 0.6)):
+        cfg = load_config(Stage2Config, None, args + [f"data.shards={spec}", f"data.weights={weights}"])
+        ds = Stage2Stream(cfg.data, 50, 0, 0, 1, 64, (0.5,) * 3, (0.5,) * 3, False)
+        keys = [k for _, b in zip(range(8), make_loader(ds, 0)) for k in b["keys"]]
+        frac_first = sum(int(k.split("_")[1]) < 600 for k in keys) / len(keys)
+        assert lo < frac_first < hi, (weights, frac_first)

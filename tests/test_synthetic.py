@@ -242,8 +242,9 @@ def test_tokenizer_roundtrip_without_unk(data, offline):
     assert len(tok) == summary["tokenizer"]["vocab_size"]
     chat = ("<|start_header_id|>user<|end_header_id|>\n\nGiven a caption, retrieve a similar relevant "
             "caption !@#$%^&*()_+-=[]{};':\",./<>?|`~ 0123456789<|eot_id|>")
-    templates = (out / "eval" / "classification" / "templates.txt").read_text().splitlines()
-    texts = list(syn.INSTRUCTIONS) + [chat] + [t.format(c) for t in templates for c in syn.SHAPES]
+    templates = (out / "eval" / "classification" / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates and all("{c}" in t for t in templates)
+    texts = list(syn.INSTRUCTIONS) + [chat] + [t.format(c=c) for t in templates for c in syn.SHAPES]
     texts += [m[f] for m in _metas(out / "train") + _metas(out / "val") for f in CAPTION_FIELDS]
     texts += ["Represent the query for retrieving evidence documents", "Given a web search query, "
               "retrieve relevant passages that answer the query", "A man is riding a horse on the beach."]

@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
                  "--model", f"clip_baseline=hf_clip:{models / 'tiny-clip'}",
                  "--dataset", f"retrieval=karpathy:{data / 'eval/retrieval/karpathy.json'}",
                  "--dataset", f"long=jsonl:{data / 'eval/retrieval/long.jsonl'}",
-                 "--dataset", f"colors=imagefolder:{data / 'eval/classification'},templates={data / 'eval/classification/templates.txt'}",
+                 "--dataset", f"colors=imagefolder:{data / 'eval/classification'}",
                  "--output", str(ev / "results.json")], logs / "eval.log", env)
 
     s1_sum = json.loads((s1 / "summary.json").read_text())

@@ -335,7 +335,7 @@ def _normalizer():
 def caption_vocabulary_texts() -> list[str]:
     """Every text whose words the tokenizer must know: all templates at every object count and every
     lexical choice, instructions, classification prompts, chat words and an English word list."""
-    texts = [_ENGLISH, " ".join(INSTRUCTIONS + _OTHER_INSTRUCTIONS), " ".join(CLASSIFICATION_TEMPLATES),
+    texts = [_ENGLISH, " ".join(INSTRUCTIONS + _OTHER_INSTRUCTIONS), " ".join(CLASSIFICATION_TEMPLATES + COLOR_TEMPLATES),
              " ".join(COLORS) + " " + " ".join(BACKGROUNDS) + " " + " ".join(SIZES),
              " ".join(SHAPES) + " " + " ".join(_plural(s, 2) for s in SHAPES),
              " ".join(_POS_AT.values()) + " " + " ".join(_POS_NOUN.values()) + " " + " ".join(_COUNT.values()),
@@ -485,7 +485,8 @@ def _write_classification(out: Path, per_class: int, seed: int, image_size: int,
         _remove_stale(root / cls, r"\d{5}\.jpg", names)
     templates = CLASSIFICATION_TEMPLATES if attr == "shape" else COLOR_TEMPLATES
     _atomic_write(root / "classnames.txt", "".join(c + "\n" for c in classes))
-    _atomic_write(root / "templates.txt", "".join(t + "\n" for t in templates))
+    # clip_benchmark's file name and {c} placeholder, so readers pick the set's own templates up
+    _atomic_write(root / "zeroshot_classification_templates.txt", "".join(t.replace("{}", "{c}") + "\n" for t in templates))
     return {"classes": len(classes), "attribute": attr, "per_class": per_class, "images": len(classes) * per_class}
 
 
@@ -501,7 +502,8 @@ val/shard-NNNNNN.tar     {summary['val']['samples']} samples in {summary['val'][
 eval/retrieval/          val images as images/KEY.jpg; karpathy.json (4 captions per image: caption,
                          short_alt, dense, dense_alt; split "test"); long.jsonl (image, dense caption) 1:1
 eval/classification/     ImageFolder layout CLASS/NNNNN.jpg, one object per image, class = shape;
-                         classnames.txt (class-index order = sorted folder names), templates.txt
+                         classnames.txt (class-index order = sorted folder names),
+                         zeroshot_classification_templates.txt ({c} placeholder)
 tokenizer/               WordLevel PreTrainedTokenizerFast ({summary['tokenizer']['vocab_size']} tokens;
                          <unk>=0 <pad>=1 <s>=2 </s>=3; <s> prepended like Llama)
 

@@ -237,8 +237,9 @@ class LLMText:
         except ConfigError as e:
             raise ConfigError(f"{self.label}: {e}") from None
 
-    def fingerprint(self, instruction: str) -> str:
-        """Content fingerprint of (encoder, instruction), computed on rank 0 (hashes are memoised)."""
+    def fingerprint(self, instruction: str, collective: bool = True) -> str:
+        """Content fingerprint of (encoder, instruction), computed on rank 0 and broadcast (every rank
+        must call it), or here when not ``collective``. File hashes are memoised."""
         if instruction not in self._fingerprints:
             from llm2clip.text.feature_cache import FileHashCache, fingerprint_of, fingerprint_record
 
@@ -246,21 +247,22 @@ class LLMText:
                 fp = self.expected_fingerprint  # no folder to hash: trust the record (cache-only evaluation)
             else:
                 self._need_path()
-                record = on_rank0_then_broadcast(lambda: fingerprint_record(self.cfg, instruction, FileHashCache()),
-                                                 f"{self.label}: fingerprinting {self.cfg.model_path}")
+                work = lambda: fingerprint_record(self.cfg, instruction, FileHashCache())  # noqa: E731
+                record = on_rank0_then_broadcast(work, f"{self.label}: fingerprinting {self.cfg.model_path}") \
+                    if collective else work()
                 fp = fingerprint_of(record)
                 self._records[instruction] = record
             self._fingerprints[instruction] = fp
             self.stats["fingerprints"][instruction] = fp
         return self._fingerprints[instruction]
 
-    def verify(self) -> None:
+    def verify(self, collective: bool = True) -> None:
         """Refuse an encoder other than the one stage 2 trained on (when a fingerprint was recorded).
 
         Compares at the recorded instruction; names what differs (weights, tokenizer, pooling, ...)."""
         if self._verified or not (self.check_fingerprint and self.expected_fingerprint):
             return
-        fp = self.fingerprint(self.expected_instruction)
+        fp = self.fingerprint(self.expected_instruction, collective)
         if fp != self.expected_fingerprint:
             record = self._records.get(self.expected_instruction, {})
             diff = sorted(k for k in record if k in self.expected_record and record[k] != self.expected_record[k])
@@ -300,7 +302,7 @@ class LLMText:
     # -- encoding --
     def encode_direct(self, texts: list[str], instruction: str = "") -> torch.Tensor:
         """One batch, this process only: ``[B, H]`` raw pooled embeddings (for checks and small jobs)."""
-        self.verify()
+        self.verify(collective=False)
         enc = self.encoder()
         batch = self.tokenizer()(texts, instruction).to(self.device)
         with torch.no_grad():
@@ -522,10 +524,11 @@ class LLM2ClipEval(EvalModel):
             base["model_path"] = info["path"]
         cfg = text_encoder_config(base, spec.text, f"models.{name}")
         self.info = info
-        self.default_instruction = spec.instruction if spec.instruction is not None else str(info.get("instruction", ""))
+        recorded_instruction = str(info.get("instruction", ""))
+        self.default_instruction = recorded_instruction if spec.instruction is None else spec.instruction
         self.llm = LLMText(cfg, run, device, f"models.{name}", expected_fingerprint=info.get("fingerprint"),
                            expected_record=info, check_fingerprint=spec.check_fingerprint,
-                           expected_instruction=str(info.get("instruction", "")))
+                           expected_instruction=recorded_instruction)
 
     def encode_image(self, pixels):
         with torch.no_grad(), autocast_for(self.device, self.run.precision):

@@ -57,7 +57,8 @@ class LLM2CLIPModel(nn.Module):
         self.text_encoder_info = dict(text_encoder_info or {})
         self.visual_proj = nn.Linear(tower.out_dim, embed_dim, bias=False)
         nn.init.normal_(self.visual_proj.weight, std=tower.out_dim ** -0.5)
-        source = self.text_encoder_info.get("path") or self.text_encoder_info.get("name") or "the stage-1 text encoder"
+        source = (self.text_encoder_info.get("model_path") or self.text_encoder_info.get("path")
+                  or "the stage-1 text encoder")
         self.adapter = LLMAdapter(llm_dim, embed_dim, adapter_blocks, adapter_expansion, adapter_dropout,
                                   source=str(source))
         self._adapter_cfg = {"num_blocks": adapter_blocks, "expansion": adapter_expansion, "dropout": adapter_dropout}

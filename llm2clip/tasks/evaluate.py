@@ -31,8 +31,8 @@ import torch
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text, config_to_dict
 from llm2clip.eval import metrics as M
-from llm2clip.eval.models import (EvalModel, build_model, check_model_folders, fixed_batches, normalize, on_rank0_then_broadcast,
-                                  raise_if_any_failed, resolve_device, sharded_map)
+from llm2clip.eval.models import (EvalModel, build_model, check_model_folders, fixed_batches, normalize,
+                                  on_rank0_then_broadcast, raise_if_any_failed, resolve_device, sharded_map)
 from llm2clip.eval.readers import (READERS, AnnotationError, ClassificationSet, ImageLoader, MissingImagesError,
                                    RetrievalSet, check_missing, read_dataset)
 from llm2clip.eval.templates import fill_template, load_templates
@@ -480,4 +480,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out, md = write_outputs(report, table, cfg.run.output)
         print("\n" + table, flush=True)
         log.info(f"wrote {out} and {md}")
+    # ranks leave together: a rank that tears down its gloo group while rank 0 still writes can
+    # abort at exit ("terminate called without an active exception")
+    D.barrier()
     return report

@@ -206,4 +206,7 @@ class Stage1Task:
 def run_stage1(cfg: Stage1Config) -> dict:
     D.init_distributed(single_process_group=True)
     task = Stage1Task(cfg)
-    return Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
+    summary = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
+    D.barrier()  # no rank leaves while another still writes (gloo aborts at exit otherwise)
+    D.cleanup()
+    return summary

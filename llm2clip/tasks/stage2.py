@@ -86,8 +86,15 @@ class Stage2Task:
 
             enc, self.ptok = build_text_encoder(cfg.text.encoder, dtype=torch.float32)
             self.text_encoder = enc.eval().requires_grad_(False)
-            self.sidecar_info = {"fingerprint": None, "width": enc.hidden_size,
-                                 "encoder": {"model_path": cfg.text.encoder.model_path}}
+            from llm2clip.text.feature_cache import fingerprint_of, fingerprint_record
+
+            t = cfg.text.encoder
+            record = fingerprint_record(t, "")  # what the embed step would record for this encoder
+            absp = (lambda p: str(Path(p).resolve()) if p else "")
+            self.sidecar_info = {"fingerprint": fingerprint_of(record), "width": enc.hidden_size,
+                                 "encoder": {**record, "model_path": absp(t.model_path),
+                                             "tokenizer_path": absp(t.tokenizer_path), "lora_path": absp(t.lora_path),
+                                             "padding_side": t.padding_side, "pad_token": t.pad_token}}
         else:
             self.sidecar_info = preflight_sidecars(cfg)
         width = self.sidecar_info["width"]
@@ -110,10 +117,6 @@ class Stage2Task:
                                    use_pretrained_proj=c.vision.use_pretrained_proj)
         info = dict(self.sidecar_info.get("encoder") or {})
         info.setdefault("fingerprint", self.sidecar_info.get("fingerprint"))
-        if self.online:
-            info.update({"model_path": c.text.encoder.model_path, "pooling": c.text.encoder.pooling,
-                         "template": c.text.encoder.template, "max_length": c.text.encoder.max_length,
-                         "padding_side": c.text.encoder.padding_side})
         torch.manual_seed(c.run.seed)  # identical fresh heads on every rank
         self.model = LLM2CLIPModel(tower, self.llm_dim, c.model.embed_dim, c.model.adapter_blocks,
                                    c.model.adapter_expansion, c.model.adapter_dropout,
@@ -264,4 +267,7 @@ class Stage2Task:
 def run_stage2(cfg: Stage2Config) -> dict:
     D.init_distributed(single_process_group=True)
     task = Stage2Task(cfg)
-    return Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
+    summary = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
+    D.barrier()  # no rank leaves while another still writes (gloo aborts at exit otherwise)
+    D.cleanup()
+    return summary

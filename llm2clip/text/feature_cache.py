@@ -248,11 +248,11 @@ def text_key(text: str) -> str:
 
 
 class TextFeatureCache:
-    """Append-only features of one fingerprint: `<dir>/text_features-<fp[:16]>.safetensors` (tensor
-    "features" [N, H] float32) + `.json` (fingerprint, width, count, keys = sha256 of each text).
+    """Append-only features of one fingerprint: `<dir>/text_features-<fp[:16]>.safetensors` holding
+    "features" [N, H] float32 and "keys" [N, 32] uint8 (sha256 of each text), plus a `.json` summary.
 
-    The safetensors file is replaced before the json, and rows only ever get appended, so after a
-    crash between the two renames the first `count` rows are still the ones the json names.
+    Rows and their keys live in one file replaced by one rename, so two jobs sharing a cache folder (or a
+    crash) can lose an update but never pair a row with another text's key.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
@@ -272,16 +272,17 @@ class TextFeatureCache:
             from safetensors.numpy import load_file
 
             meta = json.loads(self.meta_path.read_text())
-            feats = load_file(str(self.tensor_path))["features"]
-            n = int(meta["count"])
             if meta.get("format") != CACHE_FORMAT or meta["fingerprint"] != self.fingerprint:
                 raise ValueError("written for another fingerprint")
-            if len(meta["keys"]) != n or feats.shape[0] < n or feats.shape[1] != meta["width"]:
-                raise ValueError(f"{feats.shape[0]} rows for {n} keys")
+            tensors = load_file(str(self.tensor_path))
+            feats, keys = tensors["features"], tensors["keys"]
+            if keys.shape != (feats.shape[0], 32):
+                raise ValueError(f"{feats.shape[0]} rows for {keys.shape[0]} keys")
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning(f"text feature cache {self.meta_path} unusable ({e}); starting it afresh")
             return
-        self.keys, self.features = list(meta["keys"]), np.ascontiguousarray(feats[:n], dtype=np.float32)
+        self.keys = [bytes(k).hex() for k in keys]
+        self.features = np.ascontiguousarray(feats, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -310,11 +311,13 @@ class TextFeatureCache:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tensor_path.with_name(f".{self.tensor_path.name}.tmp.{os.getpid()}")
-        save_file({"features": np.ascontiguousarray(self.features)}, str(tmp))
+        keys = np.array([np.frombuffer(bytes.fromhex(k), dtype=np.uint8) for k in self.keys], dtype=np.uint8)
+        save_file({"features": np.ascontiguousarray(self.features), "keys": keys.reshape(len(self.keys), 32)},
+                  str(tmp))
         os.replace(tmp, self.tensor_path)
         atomic_write_text(self.meta_path, json.dumps({
             "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "width": int(self.features.shape[1]),
-            "dtype": "float32", "count": len(self.keys), "keys": self.keys}))
+            "dtype": "float32", "count": len(self.keys)}))
 
 
 def cached_text_features(texts: Sequence[str], cache_dir: str | os.PathLike, text_cfg: TextEncoderConfig | None = None,
