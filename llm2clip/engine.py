@@ -275,5 +275,15 @@ class Trainer:
         self.log.info(f"saved checkpoint {final}")
 
 
+def run_training(cfg: Any, make_task) -> dict[str, Any]:
+    """Initialise the process group, build the task (it may read data on every rank), train, and leave
+    together: no rank exits while another still writes (gloo aborts at exit otherwise)."""
+    D.init_distributed(single_process_group=True)
+    summary = Trainer(cfg.run, cfg.train, cfg.optim, make_task(cfg), cfg).run()
+    D.barrier()
+    D.cleanup()
+    return summary
+
+
 def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

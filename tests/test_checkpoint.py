@@ -1,5 +1,4 @@
 """Atomic checkpoints: a crash while saving leaves the previous checkpoint the newest complete one."""
-import json
 import random
 
 import numpy as np

@@ -76,7 +76,7 @@ def test_end_to_end_side_by_side(world, single_run):
     res = saved["results"]
     assert list(res) == ["ours", "clip", "llama"]  # columns in the order given
     retrieval_keys = {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    zs_keys = {f"top{k}/{s}" for k in (1, 5) for s in ("dataset", "simple", "templates.txt")}
+    zs_keys = {f"top{k}/{s}" for k in (1, 5) for s in ("dataset", "simple", "zeroshot_classification_templates.txt")}
     for m in ("ours", "clip"):
         assert set(res[m]["coco"]) == retrieval_keys
         assert set(res[m]["shapes"]) == zs_keys
@@ -94,7 +94,7 @@ def test_end_to_end_side_by_side(world, single_run):
 
     own = len(read_imagefolder(str(world["cls"])).templates)  # what the reader finds next to the data
     assert ds["shapes"]["classes"] == 6 and ds["shapes"]["templates"] == {"dataset": own, "simple": 1,
-                                                                             "templates.txt": 6}
+                                                                             "zeroshot_classification_templates.txt": 6}
     assert ds["val"]["pairs"] == 200 and ds["val"]["skipped"] == 0
     assert saved["baseline"] == "clip" and saved["world_size"] == 1
     assert saved["models"]["ours"]["text_encoder"]["model_path"] == str(world["llama"])

@@ -1,6 +1,5 @@
 """Stage 2 on CPU: tiny CLIP tower + adapter on sidecar embeddings of a tiny Llama, synthetic data."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -185,3 +184,29 @@ def test_datasets_mix_by_weight_and_by_size(tiny_world, embedded):
         keys = [k for _, b in zip(range(8), make_loader(ds, 0)) for k in b["keys"]]
         frac_first = sum(int(k.split("_")[1]) < 600 for k in keys) / len(keys)
         assert lo < frac_first < hi, (weights, frac_first)
+
+
+def test_load_model_api_encodes_text_through_the_recorded_encoder(tiny_world, tmp_path):
+    import torch
+    import llm2clip
+    from llm2clip.model.clip_model import LLM2CLIPModel
+    from llm2clip.schema import TextEncoderConfig
+    from llm2clip.text.encoder import build_text_encoder
+    from llm2clip.vision.towers import build_vision_tower
+    from PIL import Image
+    m = LLM2CLIPModel(build_vision_tower("auto", tiny_world["clip"]), llm_dim=64, embed_dim=32, adapter_blocks=1,
+                      text_encoder_info={"model_path": str(tiny_world["llama"]), "pooling": "mean",
+                                         "attention": "bidirectional", "template": "none", "max_length": 64})
+    m.save_pretrained(tmp_path / "model")
+    api = llm2clip.load_model(str(tmp_path / "model"))
+    caps = ["a red circle", "two blue squares on a white background"]
+    enc, ptok = build_text_encoder(TextEncoderConfig(model_path=str(tiny_world["llama"]), max_length=64))
+    with torch.no_grad():
+        ref = m.eval().encode_text_embedding(enc.eval().encode(ptok(caps)))
+    assert torch.allclose(api.encode_text(caps), ref, atol=1e-5)
+    img = api.encode_image(torch.stack([api.preprocess(Image.new("RGB", (80, 60), "red"))]))
+    assert img.shape == (1, 32)
+    from llm2clip.testing.tiny_models import make_tiny_llm
+    narrow = make_tiny_llm(tmp_path / "narrow", tiny_world["tokenizer"], hidden=32)
+    with pytest.raises(ValueError, match="32 wide but the adapter expects 64"):
+        llm2clip.load_model(str(tmp_path / "model"), text_model_path=str(narrow)).encode_text(caps)

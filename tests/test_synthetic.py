@@ -219,8 +219,8 @@ def test_classification_eval_copies(data):
     root = out / "eval" / "classification"
     classnames = (root / "classnames.txt").read_text().splitlines()
     assert classnames == sorted(syn.SHAPES) == sorted(p.name for p in root.iterdir() if p.is_dir())
-    templates = (root / "templates.txt").read_text().splitlines()
-    assert templates[0] == "a photo of a {}." and all("{}" in t for t in templates)
+    templates = (root / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates[0] == "a photo of a {c}." and all("{c}" in t for t in templates)
     for name in classnames:
         files = sorted((root / name).glob("*.jpg"))
         assert len(files) == PER_CLASS
@@ -283,3 +283,19 @@ def test_webdataset_reads_the_shards(data):
     assert len(samples) == N_TRAIN
     assert samples[0]["__key__"] == "train_000000000" and samples[0]["jpg"].size == (64, 64)
     assert samples[0]["txt"] == samples[0]["json"]["caption"]
+
+
+def test_colour_classes(tmp_path):
+    """--cls-attr color: 8 colour classes; every image's single object has its folder's colour."""
+    syn.generate(tmp_path / "c", n_train=2, n_val=2, seed=0, image_size=64, shard_size=2, cls_per_class=3,
+                 cls_attr="color")
+    root = tmp_path / "c" / "eval" / "classification"
+    classnames = (root / "classnames.txt").read_text().splitlines()
+    assert classnames == sorted(syn.COLORS) == sorted(p.name for p in root.iterdir() if p.is_dir())
+    for name in classnames:
+        for f in sorted((root / name).glob("*.jpg")):
+            img = np.asarray(Image.open(f).convert("RGB")).astype(float)
+            colours = {_nearest(img[int((r + .5) * 64 / 3), int((c + .5) * 64 / 3)]) for r in range(3) for c in range(3)}
+            assert name in colours
+    with pytest.raises(ValueError, match="cls_attr"):
+        syn.generate(tmp_path / "d", n_train=1, n_val=1, cls_attr="size")

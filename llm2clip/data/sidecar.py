@@ -296,15 +296,19 @@ def load_index(path: str | os.PathLike) -> dict[str, Any] | None:
     return d if isinstance(d, dict) and d.get("format") == INDEX_FORMAT else None
 
 
-def write_index(path: str | os.PathLike, manifests: list[dict[str, Any]], encoder: dict[str, Any] | None = None) -> dict:
-    """Dataset-level summary of the sidecars in one folder (all from one encoder and layout)."""
+def write_index(path: str | os.PathLike, manifests: list[dict[str, Any]], encoder: dict[str, Any] | None = None,
+                location: dict[str, Any] | None = None) -> dict:
+    """Dataset-level summary of the sidecars in one folder (all from one encoder and layout).
+
+    `encoder` is the fingerprint record (it hashes to `fingerprint`); `location` says where that encoder
+    was on disk (not part of the fingerprint), so stage 2 and evaluation can find it again."""
     manifests = sorted(manifests, key=lambda m: m["sidecar"])
     first = manifests[0]
     idx = {"format": INDEX_FORMAT, "fingerprint": first["fingerprint"], "fields": first["fields"],
            "sources": first.get("sources", {}), "width": first["width"], "dtype": first["dtype"],
            "shards": len(manifests), "samples": sum(m["count"] for m in manifests),
            "missing": {f: sum(len(m["missing"].get(f, [])) for m in manifests) for f in first["fields"]},
-           "encoder": encoder or {},
+           "encoder": encoder or {}, "encoder_location": location or {},
            "entries": [{"sidecar": m["sidecar"], "image_shard": m.get("image_shard", ""), "count": m["count"],
                         "image_samples": m["image_samples"], "sha256": m["sha256"]} for m in manifests]}
     atomic_write_text(path, json.dumps(idx, indent=1))

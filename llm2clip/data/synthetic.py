@@ -501,9 +501,9 @@ val/shard-NNNNNN.tar     {summary['val']['samples']} samples in {summary['val'][
   width, height}}; KEY = <split>_<index:09d>. Per shard NAME_stats.json; per split sizes.json.
 eval/retrieval/          val images as images/KEY.jpg; karpathy.json (4 captions per image: caption,
                          short_alt, dense, dense_alt; split "test"); long.jsonl (image, dense caption) 1:1
-eval/classification/     ImageFolder layout CLASS/NNNNN.jpg, one object per image, class = shape;
+eval/classification/     ImageFolder layout CLASS/NNNNN.jpg, one object per image, class = its {summary["classification"]["attribute"]};
                          classnames.txt (class-index order = sorted folder names),
-                         zeroshot_classification_templates.txt ({c} placeholder)
+                         zeroshot_classification_templates.txt ({{c}} placeholder)
 tokenizer/               WordLevel PreTrainedTokenizerFast ({summary['tokenizer']['vocab_size']} tokens;
                          <unk>=0 <pad>=1 <s>=2 </s>=3; <s> prepended like Llama)
 

@@ -307,7 +307,7 @@ def _work(cfg: EmbedConfig, jobs: list[ShardJob], fp: str, rank: int) -> dict[st
 
 
 def _write_indexes(cfg: EmbedConfig, jobs: list[ShardJob], manifests: dict[str, dict], fp: str,
-                   encoder: dict) -> list[str]:
+                   encoder: dict, location: dict) -> list[str]:
     """Rank 0: index.json per sidecar folder = this job's manifests + older ones of the same encoder."""
     names = [field_name(f) for f in cfg.data.fields]
     groups: dict[Path, list[ShardJob]] = {}
@@ -326,7 +326,7 @@ def _write_indexes(cfg: EmbedConfig, jobs: list[ShardJob], manifests: dict[str, 
             else:
                 log.warning(f"{path}: dropping {e['sidecar']} from the index (gone, or from another encoder)")
         if ms:
-            S.write_index(path, list(ms.values()), encoder)
+            S.write_index(path, list(ms.values()), encoder, location)
             written.append(str(path))
     return written
 
@@ -415,7 +415,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
                "tokens_per_s": round(st.tokens / seconds, 1), "world_size": world, "fingerprint": fp,
                "encode_seconds_per_rank": [r["stats"]["seconds"] for r in results], "indexes": []}
     if rank == 0:
-        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, {**record, **_encoder_location(cfg)})
+        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, record, _encoder_location(cfg))
         path = cfg.run.summary_path or (str(Path(cfg.output.out_dir) / "embed_summary.json") if cfg.output.out_dir else "")
         if path:
             atomic_write_text(path, json.dumps({**summary, "errors": errors}, indent=1))

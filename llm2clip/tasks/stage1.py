@@ -12,7 +12,7 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
-from llm2clip.engine import Trainer, build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision
+from llm2clip.engine import build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision, run_training
 from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
 from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
@@ -204,9 +204,4 @@ class Stage1Task:
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
-    D.init_distributed(single_process_group=True)
-    task = Stage1Task(cfg)
-    summary = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
-    D.barrier()  # no rank leaves while another still writes (gloo aborts at exit otherwise)
-    D.cleanup()
-    return summary
+    return run_training(cfg, Stage1Task)

@@ -21,7 +21,7 @@ from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, it
                                    sidecar_path_for)
 from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader
 from llm2clip.data.transforms import eval_transform
-from llm2clip.engine import Trainer, resolve_precision
+from llm2clip.engine import resolve_precision, run_training
 from llm2clip.losses.clip import ClipLoss, SigLipLoss
 from llm2clip.model.clip_model import LLM2CLIPModel
 from llm2clip.optim_groups import param_groups_for_llm2clip
@@ -70,7 +70,7 @@ def preflight_sidecars(cfg: Stage2Config) -> dict[str, Any]:
                           f"{sorted(fps)[:3]}) / widths {sorted(widths)}; re-embed or set data.fingerprint")
     fp, width = fps.pop(), widths.pop()
     idx = load_index(index_path_for(sidecar_path_for(shards[0], cfg.data.sidecar), cfg.data.sidecar)) or {}
-    return {"fingerprint": fp, "width": width, "encoder": idx.get("encoder", {})}
+    return {"fingerprint": fp, "width": width, "encoder": {**idx.get("encoder", {}), **idx.get("encoder_location", {})}}
 
 
 class Stage2Task:
@@ -265,9 +265,4 @@ class Stage2Task:
 
 
 def run_stage2(cfg: Stage2Config) -> dict:
-    D.init_distributed(single_process_group=True)
-    task = Stage2Task(cfg)
-    summary = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg).run()
-    D.barrier()  # no rank leaves while another still writes (gloo aborts at exit otherwise)
-    D.cleanup()
-    return summary
+    return run_training(cfg, Stage2Task)

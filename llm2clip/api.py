@@ -1,0 +1,76 @@
+"""Use a trained LLM2CLIP model from Python.
+
+    import llm2clip
+    m = llm2clip.load_model("runs/stage2/export/model")            # stage-2 export folder
+    img = m.encode_image(torch.stack([m.preprocess(pil) for pil in images]))
+    txt = m.encode_text(["a red circle on the left"])              # runs the stage-1 encoder + adapter
+    sims = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+
+The text side finds the stage-1 encoder from what stage 2 recorded (`text_encoder` in
+llm2clip_config.json); pass `text_model_path=` when the encoder has moved.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm2clip.data.transforms import eval_transform
+from llm2clip.model.clip_model import LLM2CLIPModel
+
+
+class LLM2CLIP:
+    """A stage-2 model with its text encoder, built lazily on the first `encode_text`."""
+
+    def __init__(self, model: LLM2CLIPModel, text_overrides: dict[str, Any], device: torch.device):
+        self.model, self.device = model.to(device).eval().requires_grad_(False), device
+        t = model.tower
+        self.preprocess = eval_transform(t.image_size, t.mean, t.std)  # PIL image -> [3, H, W]
+        self._text_overrides = text_overrides
+        self._encoder = None
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] (from `preprocess`) -> [B, embed_dim] image features (not normalised)."""
+        return self.model.encode_image(pixels.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_text_embedding(self, llm_emb: torch.Tensor) -> torch.Tensor:
+        """[B, llm_dim] precomputed LLM embeddings (e.g. from sidecars) -> [B, embed_dim] text features."""
+        return self.model.encode_text_embedding(llm_emb.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], instruction: str | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Captions -> [N, embed_dim] text features, through the stage-1 encoder and the adapter."""
+        enc, ptok = self._text_encoder()
+        instr = str(self.model.text_encoder_info.get("instruction", "")) if instruction is None else instruction
+        out = []
+        for i in range(0, len(captions), batch_size):
+            b = ptok(list(captions[i:i + batch_size]), instr).to(self.device)
+            out.append(self.encode_text_embedding(enc.encode(b).float()))
+        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+
+    def _text_encoder(self):
+        if self._encoder is None:
+            from llm2clip.eval.models import _INFO_KEYS, text_encoder_config
+            from llm2clip.text.encoder import build_text_encoder
+
+            info = self.model.text_encoder_info or {}
+            cfg = text_encoder_config({k: info[k] for k in _INFO_KEYS if k in info}, self._text_overrides, "load_model")
+            if not cfg.model_path:
+                raise ValueError("this model records no text encoder path; pass load_model(..., text_model_path=...)")
+            enc, ptok = build_text_encoder(cfg, dtype=torch.float32)
+            if enc.hidden_size != self.model.llm_dim:
+                raise ValueError(f"the text encoder at {cfg.model_path} is {enc.hidden_size} wide but the adapter "
+                                 f"expects {self.model.llm_dim}: use the stage-1 encoder this model was trained with")
+            self._encoder = (enc.to(self.device).eval(), ptok)
+        return self._encoder
+
+
+def load_model(path: str, text_model_path: str | None = None, device: str | torch.device = "cpu",
+               **text_overrides: Any) -> LLM2CLIP:
+    """Load a stage-2 export (`<run>/export/model`). Extra keyword arguments override text-encoder
+    settings (any TextEncoderConfig field, e.g. `lora_path=`, `max_length=`)."""
+    if text_model_path:
+        text_overrides["model_path"] = text_model_path
+    return LLM2CLIP(LLM2CLIPModel.from_pretrained(path), text_overrides, torch.device(device))
