@@ -7,7 +7,7 @@ Each stage runs through the same CLI a user runs (tools/*.py with configs/tiny/*
 subprocess, so what this proves is what users get. Prints one final table and writes
 `<out>/pipeline_summary.json`. TensorBoard logs: `tensorboard --logdir <out>`.
 
-    python tools/run_pipeline.py                    # ~5 min on 2 CPU cores
+    python tools/run_pipeline.py                    # ~4 min on 2 CPU cores
     python tools/run_pipeline.py --nproc 2          # every training stage under torchrun, 2 ranks
 """
 from __future__ import annotations
@@ -48,8 +48,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun when > 1)")
     ap.add_argument("--train", type=int, default=2000, help="synthetic training images")
     ap.add_argument("--val", type=int, default=500, help="synthetic held-out images")
-    ap.add_argument("--stage1-steps", type=int, default=40)
-    ap.add_argument("--stage2-steps", type=int, default=150)
+    ap.add_argument("--stage1-steps", type=int, default=80)
+    ap.add_argument("--stage2-steps", type=int, default=300)
     ap.add_argument("--skip-done", action="store_true", help="reuse stages that already finished in --out")
     args = ap.parse_args(argv)
     global SKIP_DONE

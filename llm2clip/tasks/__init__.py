@@ -1,0 +1,1 @@
+"""One module per job: build components from a config, run."""
