@@ -1,0 +1,25 @@
+"""The README's main job (tools/run_pipeline.py) end to end, at a reduced size."""
+import json
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, run_cmd
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_reports(tmp_path):
+    out = tmp_path / "p"
+    p = run_cmd([sys.executable, str(ROOT / "tools/run_pipeline.py"), "--out", str(out), "--train", "400",
+                 "--val", "100", "--stage1-steps", "10", "--stage2-steps", "40"], timeout=600)
+    assert "CRA after stage 1" in p.stdout and "| colors | top1 |" in p.stdout
+    s = json.loads((out / "pipeline_summary.json").read_text())
+    assert s["stage1"]["eval_end"]["eval/cra"] > s["stage1"]["eval_start"]["eval/cra"]
+    res = s["eval"]
+    assert set(res) == {"llm2clip", "untrained", "clip_baseline"}
+    assert res["llm2clip"]["retrieval"]["t2i_R@1"] > res["untrained"]["retrieval"]["t2i_R@1"]
+    assert (out / "stage1/tb").is_dir() and (out / "stage2/tb").is_dir()
+    # rerun with --skip-done: nothing is recomputed, the same table comes out
+    p2 = run_cmd([sys.executable, str(ROOT / "tools/run_pipeline.py"), "--out", str(out), "--train", "400",
+                  "--val", "100", "--stage1-steps", "10", "--stage2-steps", "40", "--skip-done"], timeout=300)
+    assert p2.stdout.count("(skip, done:") == 5
