@@ -275,10 +275,10 @@ l2c_run_srun() {
             l2c_log "checkpointed (exit $rc) while the job was being cancelled: not requeueing; resubmit to resume"
         elif (( restarts >= max )); then
             l2c_log "checkpointed (exit $rc) but the job was already restarted $restarts times (LLM2CLIP_MAX_RESTARTS=$max): not requeueing"
-        elif scontrol requeue "$SLURM_JOB_ID"; then
-            l2c_log "checkpointed (exit $rc): job $SLURM_JOB_ID requeued (restart $((restarts + 1)))"
-            exit 0
         else
+            # Log first: once requeued, Slurm may kill this shell before another line is written.
+            l2c_log "checkpointed (exit $rc): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
             l2c_log "checkpointed (exit $rc) but \`scontrol requeue $SLURM_JOB_ID\` failed (not a batch job, or submitted with --no-requeue?)"
         fi
     fi

@@ -272,7 +272,7 @@ def test_preemption_requeues_and_resumes(slurm, tmp_path):
     log = job.log_text()  # --open-mode=append: all three runs in one file
     for k in (0, 1, 2):
         assert f"job={job.id} restart={k} " in log, log
-    assert log.count("requeued (restart") == 2
+    assert log.count(": requeueing job") == 2
     assert "batch shell got SIGUSR1, forwarding to srun" in log
     assert log.count("got SIGUSR1: checkpointed") == 4  # 2 ranks x 2 preemptions
 
