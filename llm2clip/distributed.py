@@ -149,7 +149,7 @@ def all_reduce_max(value: float | int, device: torch.device | None = None) -> fl
     """Max of a scalar over ranks (used to agree on stop/preempt flags)."""
     if not is_dist():
         return value
-    t = torch.tensor([float(value)], device=device or _collective_device())
+    t = torch.tensor([float(value)], device=device or collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -161,7 +161,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     if is_dist() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -205,6 +205,8 @@ class Trainer:
             if step % self.run_cfg.log_every == 0 or step == end:
                 dt = time.perf_counter() - t_last
                 gn = engine.get_global_grad_norm()
+                loss_val = float(D.all_reduce_sum(torch.tensor([loss_val], device=D.collective_device()))) \
+                    / D.get_world_size()  # the mean of the ranks' local losses is the global loss
                 row = {"train/loss": loss_val, "train/lr": engine.get_lr()[0],
                        "train/grad_norm": float(gn) if gn is not None else float("nan"),
                        "perf/tokens_per_s": tok_acc * D.get_world_size() / dt,
@@ -249,9 +251,12 @@ class Trainer:
             batch = next(batches)
             wait += time.perf_counter() - t0
             loss, m, ntok = self.task.loss(engine, batch)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteError(f"non-finite loss {loss.item()} at step {engine.global_steps + 1} on rank "
-                                     f"{D.get_rank()}; lower optim.lr or check the data (no step was taken)")
+            # every rank must agree, or the healthy ones would wait forever in the next collective
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if D.all_reduce_max(0.0 if finite else 1.0) > 0:
+                where = f"on rank {D.get_rank()} (loss {loss.item()})" if not finite else "on another rank"
+                raise NonFiniteError(f"non-finite loss at step {engine.global_steps + 1} {where}; lower optim.lr or "
+                                     "check the data (no step was taken)")
             engine.backward(loss)
             engine.step()
             tot_loss += float(loss.detach()) / self.train_cfg.grad_accum

@@ -44,15 +44,6 @@ _STAGE1_KEYS = ("attention", "pooling", "template", "max_length", "padding_side"
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def collective_device() -> torch.device:
-    """Where tensors must live for collectives (CUDA under NCCL, else CPU)."""
-    import torch.distributed as dist
-
-    if D.is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _portable(error: BaseException | None) -> BaseException | None:
     """The exception itself if it survives pickling (so other ranks can raise the same type), else a
     RuntimeError carrying its message."""
@@ -150,7 +141,7 @@ def sharded_map(batches: Sequence[Sequence[int]], n: int,
             log.warning(f"{desc} failed on rank {r}")
             raise e
     width = max(w for _, w in status)
-    dev = collective_device()
+    dev = D.collective_device()
     local = torch.cat(outs) if outs else torch.zeros(0, width)
     idx = torch.tensor([i for b in mine for i in b], dtype=torch.long)
     feats = D.gather_no_grad(local.to(dev)).cpu()
