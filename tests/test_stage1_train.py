@@ -1,5 +1,6 @@
 """Stage 1 end to end on CPU: 2 processes, DeepSpeed ZeRO-3 + LoRA, tiny Llama, synthetic captions."""
 import json
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -26,9 +27,15 @@ def test_zero3_lora_two_process_learns(tiny_world, tmp_path):
     the mean loss of the last 5 steps is below 70% of the first 5. Runs with gradient checkpointing on:
     PEFT + ZeRO-3 + checkpointing is the combination that breaks upstream (transformers #47254)."""
     out = tmp_path / "run"
-    torchrun(TRAIN, stage1_args(tiny_world, out, "--set", "train.max_steps=30", "--set", "train.eval_every=15",
-                                "--set", "train.save_every=15", "--set", "text.gradient_checkpointing=true"),
-             timeout=600)
+    # ZeRO-3 with no small-parameter persistence, so every weight is partitioned as it loads
+    ds = json.loads((ROOT / "ds_configs/zero3_bf16.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    p = torchrun(TRAIN, stage1_args(tiny_world, out, "--set", "train.max_steps=30", "--set", "train.eval_every=15",
+                                    "--set", "train.save_every=15", "--set", "text.gradient_checkpointing=true",
+                                    "--set", f"train.deepspeed_config={tmp_path / 'zero3.json'}"), timeout=600)
+    m = re.search(r"ZeRO-3 load: rank 0 materialised [\d,]+ of [\d,]+ parameters \(([\d.]+)%\)", p.stdout + p.stderr)
+    assert m and float(m.group(1)) < 60, "zero.Init must partition the weights at load (2 ranks: ~50% each)"
     summary = json.loads((out / "summary.json").read_text())
     start, end = summary["eval_start"]["eval/cra"], summary["eval_end"]["eval/cra"]
     assert end >= start + 15 and end > 25, (start, end)

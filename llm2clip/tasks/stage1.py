@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,6 +18,8 @@ from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
 from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
 from llm2clip.text.tokenize import PromptTokenizer, TextBatch
+
+log = logging.getLogger("llm2clip")
 
 
 def zero_stage(cfg: Stage1Config) -> int:
@@ -74,6 +77,12 @@ class Stage1Task:
             self._hf_ds = HfDeepSpeedConfig(build_ds_config(cfg.train, cfg.optim, self.world))
         enc, self.ptok = build_text_encoder(cfg.text, dtype=dtype)
         backbone = enc.backbone
+        if self.zero == 3:
+            # proof that zero.Init partitioned the weights while loading: this rank holds ~1/world of them
+            local = sum(p.numel() for p in backbone.parameters())
+            full = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())
+            log.info(f"ZeRO-3 load: rank {self.rank} materialised {local:,} of {full:,} parameters "
+                     f"({100 * local / max(full, 1):.1f}%)")
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
