@@ -210,3 +210,23 @@ def test_load_model_api_encodes_text_through_the_recorded_encoder(tiny_world, tm
     narrow = make_tiny_llm(tmp_path / "narrow", tiny_world["tokenizer"], hidden=32)
     with pytest.raises(ValueError, match="32 wide but the adapter expects 64"):
         llm2clip.load_model(str(tmp_path / "model"), text_model_path=str(narrow)).encode_text(caps)
+
+
+def test_missing_sidecars_can_run_the_embed_step_first(tiny_world, tmp_path):
+    """data.missing_sidecars=embed: no sidecars yet -> stage 2 runs the embed step, then trains on them."""
+    import yaml
+    w = tiny_world
+    emb = tmp_path / "emb"
+    embed_cfg = tmp_path / "embed.yaml"
+    embed_cfg.write_text(yaml.safe_dump({
+        "text": {"model_path": str(w["llama"]), "attn_implementation": "sdpa", "max_length": 64},
+        "data": {"shards": f"{w['data']}/train/shard-*.tar", "fields": ["txt", "json:short_alt", "json:dense",
+                                                                        "json:dense_alt"]},
+        "output": {"out_dir": str(emb), "image_root": str(w["data"])}, "run": {"progress_bar": False}}))
+    out = tmp_path / "run"
+    run_cmd([sys.executable, TRAIN, *stage2_args(w, emb, out, "--set", "train.max_steps=2", "--set", "data.val_shards=",
+                                                 "--set", "train.eval_every=0", "--set", "data.num_workers=0",
+                                                 "--set", "data.missing_sidecars=embed",
+                                                 "--set", f"data.embed_config={embed_cfg}")], timeout=300)
+    assert json.loads((emb / "train/index.json").read_text())["shards"] == 4
+    assert (out / "export/model/model.safetensors").is_file()

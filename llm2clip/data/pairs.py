@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples
 from llm2clip.schema import PairSourceConfig, Stage1DataConfig
 
 log = logging.getLogger("llm2clip")
 _MAX_NAMED = 5  # how many skipped samples are named in the log per source
-
-
-def _rng(*parts: Any) -> random.Random:
-    return random.Random(":".join(map(str, parts)))
 
 
 @dataclass
@@ -61,7 +57,7 @@ class ShardPairSource:
 
     def _order(self) -> list[int]:
         order = list(range(len(self.shards)))
-        _rng(self.seed, self.name, "shards", self.epoch).shuffle(order)
+        keyed_rng(self.seed, self.name, "shards", self.epoch).shuffle(order)
         return order
 
     def _load(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -80,7 +76,7 @@ class ShardPairSource:
                                 f"empty); skipped (counted in data/skipped)")
                 continue
             recs.append((shard, s["__key__"], caps))
-        _rng(self.seed, self.name, "records", self.epoch, shard).shuffle(recs)
+        keyed_rng(self.seed, self.name, "records", self.epoch, shard).shuffle(recs)
         if len(recs) == 1:
             raise ValueError(f"{shard}: only one usable sample; hard negatives need at least two per shard "
                              "(set data.hard_negatives=false or use larger shards)")
@@ -98,7 +94,7 @@ class ShardPairSource:
                 self.pos, self.epoch = 0, self.epoch + 1
         recs = self._records
         shard, key, caps = recs[self.offset]
-        r = _rng(self.seed, self.name, "pair", self.epoch, shard, key)
+        r = keyed_rng(self.seed, self.name, "pair", self.epoch, shard, key)
         (fq, q), (fp, p) = r.sample(caps, 2)  # random pair of distinct fields, random direction
         j = r.randrange(len(recs) - 1)
         j = j + 1 if j >= self.offset else j
@@ -141,7 +137,7 @@ class JsonlPairSource:
     def next(self) -> Example:
         if self._perm is None:
             perm = list(range(len(self.rows)))
-            _rng(self.seed, self.name, "perm", self.epoch).shuffle(perm)
+            keyed_rng(self.seed, self.name, "perm", self.epoch).shuffle(perm)
             self._perm = perm[self.rank::self.world]
         if self.offset >= len(self._perm):
             self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
@@ -185,10 +181,10 @@ class PairStream:
         b = self.batch_index
         self.batch_index += 1
         if self.cfg.single_source_batches or len(self.sources) == 1:
-            k = _rng(self.seed, "batch-source", b).choices(range(len(self.sources)), self.weights)[0]
+            k = keyed_rng(self.seed, "batch-source", b).choices(range(len(self.sources)), self.weights)[0]
             src = self.sources[k]
             return [src.next() for _ in range(self.micro_batch)], self.cfg.hard_negatives and src.has_negatives
-        r = _rng(self.seed, "example-source", b, self.rank)
+        r = keyed_rng(self.seed, "example-source", b, self.rank)
         ks = r.choices(range(len(self.sources)), self.weights, k=self.micro_batch)
         return [self.sources[k].next() for k in ks], self.use_neg_mixed
 

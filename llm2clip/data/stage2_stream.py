@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import expand_shards, get_caption, iter_tar_samples, shard_size
 from llm2clip.data.sidecar import JoinStats, iter_joined, sidecar_path_for
 from llm2clip.data.transforms import train_transform
@@ -28,10 +28,6 @@ from llm2clip.schema_embed import field_name
 from llm2clip.schema_stage2 import Stage2DataConfig
 
 log = logging.getLogger("llm2clip")
-
-
-def _rng(*parts: Any) -> random.Random:
-    return random.Random(":".join(map(str, parts)))
 
 
 def dataset_shards(spec: str) -> list[list[str]]:
@@ -76,7 +72,7 @@ class _DatasetCursor:
 
     def _order(self) -> list[str]:
         order = list(self.shards)
-        _rng(self.seed, self.name, "order", self.epoch, self.phase).shuffle(order)
+        keyed_rng(self.seed, self.name, "order", self.epoch, self.phase).shuffle(order)
         return order
 
 
@@ -113,14 +109,14 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         while True:
             items = []
             while len(items) < self.micro_batch:
-                k = _rng(self.seed, "dataset", spec.stream, counter).choices(range(len(cursors)), self.weights)[0]
+                k = keyed_rng(self.seed, "dataset", spec.stream, counter).choices(range(len(cursors)), self.weights)[0]
                 counter += 1
                 item = next(gens[k])
                 key, img_bytes, text = item
                 try:
                     with Image.open(io.BytesIO(img_bytes)) as im:
                         im.load()
-                        pixels = tf(im, rng=_rng(self.seed, "crop", key, cursors[k].epoch))
+                        pixels = tf(im, rng=keyed_rng(self.seed, "crop", key, cursors[k].epoch))
                 except Exception as e:  # noqa: BLE001 - any decode failure: skip and count
                     stats["corrupt_images"] += 1
                     if stats["corrupt_images"] <= 5:
@@ -139,7 +135,7 @@ class Stage2Stream(torch.utils.data.IterableDataset):
 
     def _choose_field(self, key: str, epoch: int, available: list[str]) -> str | None:
         """Dense with probability dense_ratio (per sample and epoch), else original; among what exists."""
-        r = _rng(self.seed, "field", key, epoch)
+        r = keyed_rng(self.seed, "field", key, epoch)
         dense = [f for f in self.cfg.dense_fields if f in available]
         orig = [f for f in self.cfg.original_fields if f in available]
         pick_dense = r.random() < self.cfg.dense_ratio

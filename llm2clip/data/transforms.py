@@ -11,7 +11,6 @@ then holds a *copy* of the internal generator, so per-sample `rng` is the reprod
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from typing import Sequence
@@ -20,16 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llm2clip.data.rng import keyed_rng
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Rng = random.Random | np.random.Generator
 
 
-def sample_rng(*keys: object) -> random.Random:
-    """A random.Random seeded from any keys (seed, epoch, sample key...), stable across processes."""
-    h = hashlib.sha256("\x1f".join(map(str, keys)).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(h[:8], "little"))
+sample_rng = keyed_rng  # the name this module's callers and tests use
 
 
 def _uniform(rng: Rng, a: float, b: float) -> float:
