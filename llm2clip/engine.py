@@ -284,6 +284,7 @@ def run_training(cfg: Any, make_task) -> dict[str, Any]:
     """Initialise the process group, build the task (it may read data on every rank), train, and leave
     together: no rank exits while another still writes (gloo aborts at exit otherwise)."""
     D.init_distributed(single_process_group=True)
+    setup_logging()
     summary = Trainer(cfg.run, cfg.train, cfg.optim, make_task(cfg), cfg).run()
     D.barrier()
     D.cleanup()

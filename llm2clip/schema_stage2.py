@@ -48,6 +48,9 @@ class Stage2DataConfig:
     dense_ratio: float = 0.75  # paper's ablation: 75% dense best, 0% and 100% worst
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     num_workers: int = 2
+    # Train for this many passes over the data: sets train.max_steps from the shards' sample counts.
+    # Exact (every sample seen `epochs` times) when shards split evenly over ranks x workers; else a warning.
+    epochs: Optional[float] = None
     val_shards: str = ""  # held-out image shards (with sidecars) for retrieval R@1 during training
     val_field: str = "json:dense"
     val_max_samples: int = 500
@@ -65,6 +68,8 @@ class Stage2DataConfig:
             raise ConfigError("data.dense_ratio < 1 needs data.original_fields")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError("data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError("data.epochs must be > 0")
         if self.missing_sidecars == "embed" and not self.embed_config:
             raise ConfigError("data.missing_sidecars=embed needs data.embed_config (the embed step's YAML)")
 

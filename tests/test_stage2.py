@@ -230,3 +230,22 @@ def test_missing_sidecars_can_run_the_embed_step_first(tiny_world, tmp_path):
                                                  "--set", f"data.embed_config={embed_cfg}")], timeout=300)
     assert json.loads((emb / "train/index.json").read_text())["shards"] == 4
     assert (out / "export/model/model.safetensors").is_file()
+
+
+def test_exact_epochs_when_shards_split_evenly(tiny_world, embedded):
+    """data.epochs=2 with 4 equal shards over 1 rank x 2 workers: 32 steps of 50, every sample exactly twice."""
+    from collections import Counter
+    from llm2clip.config import load_config
+    from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader, steps_for_epochs
+    from llm2clip.schema_stage2 import Stage2Config
+    w = tiny_world
+    args = [a for a in stage2_args(w, embedded, "/tmp/x") if a != "--set"]
+    cfg = load_config(Stage2Config, None, args + ["data.epochs=2", "data.num_workers=2"])
+    steps, warn = steps_for_epochs(dataset_shards(cfg.data.shards), 2, 50, 1, 2)
+    assert steps == 32 and warn is None
+    ds = Stage2Stream(cfg.data, 50, 0, 0, 1, 64, (0.5,) * 3, (0.5,) * 3, False)
+    counts = Counter(k for _, b in zip(range(steps), make_loader(ds, 2)) for k in b["keys"])
+    assert len(counts) == 800 and set(counts.values()) == {2}
+    # unbalanced: 3 streams over 4 shards -> a warning that epochs are approximate
+    steps3, warn3 = steps_for_epochs(dataset_shards(cfg.data.shards), 1, 50, 1, 3)
+    assert steps3 == 16 and "approximate" in warn3

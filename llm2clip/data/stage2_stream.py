@@ -47,6 +47,40 @@ def dataset_weights(datasets: list[list[str]], weights: list[float]) -> list[flo
     return [float(s) for s in sizes]
 
 
+def steps_for_epochs(datasets: list[list[str]], epochs: float, micro_batch: int, world: int, workers: int,
+                     grad_accum: int = 1) -> tuple[int, str | None]:
+    """Optimizer steps for `epochs` passes over all samples, and a warning when the logical streams
+    (world x workers, see the module docstring) hold unequal sample counts: then streams reach their
+    epoch boundaries at different steps and "epochs" is approximate."""
+    from math import ceil
+
+    S = world * max(workers, 1)
+    per_stream = [0] * S
+    for shards in datasets:
+        sizes = [shard_size(s) for s in shards]
+        missing = [s for s, n in zip(shards, sizes) if n is None]
+        if missing:
+            raise ValueError(f"data.epochs needs sample counts, but {missing[0]} has no _stats.json / sizes.json "
+                             "entry; set train.max_steps instead")
+        if len(shards) >= S:
+            for i, n in enumerate(sizes):
+                per_stream[i % S] += n
+        else:  # every stream reads all shards and keeps every S-th sample
+            for s in range(S):
+                per_stream[s] += sum(len(range(s, n, S)) for n in sizes)
+    total = sum(per_stream)
+    steps = max(1, ceil(epochs * total / (micro_batch * world * grad_accum)))
+    warn = None
+    if len(set(per_stream)) > 1:
+        warn = (f"data.epochs={epochs}: the {S} data streams (ranks x workers) hold {min(per_stream)} to "
+                f"{max(per_stream)} samples, so epochs are approximate; balance the shards over the streams "
+                "for exact epochs")
+    elif per_stream[0] % micro_batch:
+        warn = (f"data.epochs={epochs}: each of the {S} data streams holds {per_stream[0]} samples, which "
+                f"train.micro_batch_size={micro_batch} does not divide, so epochs are approximate")
+    return steps, warn
+
+
 @dataclass
 class StreamSpec:
     stream: int

@@ -19,7 +19,7 @@ from llm2clip.config import ConfigError
 from llm2clip.data.shards import expand_shards, iter_tar_samples, get_caption
 from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, iter_joined, load_index, read_manifest,
                                    sidecar_path_for)
-from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader
+from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader, steps_for_epochs
 from llm2clip.data.transforms import eval_transform
 from llm2clip.engine import resolve_precision, run_training
 from llm2clip.losses.clip import ClipLoss, SigLipLoss
@@ -102,6 +102,13 @@ class Stage2Task:
             raise ConfigError(f"model.llm_dim={cfg.model.llm_dim} but the LLM embeddings are {width} wide "
                               f"(sidecars of {cfg.data.shards}); drop model.llm_dim or re-embed with the right LLM")
         self.llm_dim = width
+        if cfg.data.epochs is not None:
+            steps, warn = steps_for_epochs(dataset_shards(cfg.data.shards), cfg.data.epochs, cfg.train.micro_batch_size,
+                                           self.world, cfg.data.num_workers, cfg.train.grad_accum)
+            log.info(f"data.epochs={cfg.data.epochs}: train.max_steps={steps}")
+            if warn:
+                log.warning(warn)
+            cfg.train.max_steps = steps
         self.states: dict[int, dict] = {}
         self.consumed = 0
         self.loss_fn = (ClipLoss(cfg.model.local_loss, cfg.model.gather_with_grad) if cfg.model.loss == "clip"
