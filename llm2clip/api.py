@@ -42,13 +42,12 @@ class LLM2CLIP:
     @torch.no_grad()
     def encode_text(self, captions: list[str], instruction: str | None = None, batch_size: int = 64) -> torch.Tensor:
         """Captions -> [N, embed_dim] text features, through the stage-1 encoder and the adapter."""
+        from llm2clip.text.feature_cache import encode_texts
+
         enc, ptok = self._text_encoder()
         instr = str(self.model.text_encoder_info.get("instruction", "")) if instruction is None else instruction
-        out = []
-        for i in range(0, len(captions), batch_size):
-            b = ptok(list(captions[i:i + batch_size]), instr).to(self.device)
-            out.append(self.encode_text_embedding(enc.encode(b).float()))
-        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+        llm_emb, _ = encode_texts(enc, ptok, list(captions), instr, max_batch_size=batch_size, device=self.device)
+        return self.encode_text_embedding(llm_emb)
 
     def _text_encoder(self):
         if self._encoder is None:

@@ -34,8 +34,8 @@ from llm2clip.data import sidecar as S
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
 from llm2clip.schema import TEMPLATES
 from llm2clip.schema_embed import EmbedConfig, field_name
-from llm2clip.text.feature_cache import EncodeStats, FileHashCache, encode_bucketed, fingerprint_of, \
-    fingerprint_record, plan_batches
+from llm2clip.text.feature_cache import EncodeStats, FileHashCache, encode_bucketed, encoder_location, \
+    fingerprint_of, fingerprint_record, plan_batches
 
 log = logging.getLogger("llm2clip")
 
@@ -331,14 +331,6 @@ def _write_indexes(cfg: EmbedConfig, jobs: list[ShardJob], manifests: dict[str, 
     return written
 
 
-def _encoder_location(cfg: EmbedConfig) -> dict[str, str]:
-    """Where the encoder was (not part of the fingerprint): lets stage 2 and evaluation find it again."""
-    t = cfg.text
-    absp = (lambda p: str(Path(p).resolve()) if p else "")
-    return {"model_path": absp(t.model_path), "tokenizer_path": absp(t.tokenizer_path), "lora_path": absp(t.lora_path),
-            "padding_side": t.padding_side, "pad_token": t.pad_token}
-
-
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run the embed job on this rank (any world size); returns the summary on every rank."""
     from llm2clip.logger import setup_logging
@@ -415,7 +407,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
                "tokens_per_s": round(st.tokens / seconds, 1), "world_size": world, "fingerprint": fp,
                "encode_seconds_per_rank": [r["stats"]["seconds"] for r in results], "indexes": []}
     if rank == 0:
-        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, record, _encoder_location(cfg))
+        summary["indexes"] = _write_indexes(cfg, jobs, manifests, fp, record, encoder_location(cfg.text))
         path = cfg.run.summary_path or (str(Path(cfg.output.out_dir) / "embed_summary.json") if cfg.output.out_dir else "")
         if path:
             atomic_write_text(path, json.dumps({**summary, "errors": errors}, indent=1))

@@ -83,18 +83,15 @@ class Stage2Task:
         self.text_encoder = None
         if self.online:
             from llm2clip.text.encoder import build_text_encoder
+            from llm2clip.text.feature_cache import encoder_location, fingerprint_of, fingerprint_record
 
             enc, self.ptok = build_text_encoder(cfg.text.encoder, dtype=torch.float32)
-            self.text_encoder = enc.eval().requires_grad_(False)
-            from llm2clip.text.feature_cache import fingerprint_of, fingerprint_record
-
-            t = cfg.text.encoder
-            record = fingerprint_record(t, "")  # what the embed step would record for this encoder
-            absp = (lambda p: str(Path(p).resolve()) if p else "")
+            # moved to its device once, here, not on every step
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            self.text_encoder = enc.eval().requires_grad_(False).to(device)
+            record = fingerprint_record(cfg.text.encoder, "")  # what the embed step would record for this encoder
             self.sidecar_info = {"fingerprint": fingerprint_of(record), "width": enc.hidden_size,
-                                 "encoder": {**record, "model_path": absp(t.model_path),
-                                             "tokenizer_path": absp(t.tokenizer_path), "lora_path": absp(t.lora_path),
-                                             "padding_side": t.padding_side, "pad_token": t.pad_token}}
+                                 "encoder": {**record, **encoder_location(cfg.text.encoder)}}
         else:
             self.sidecar_info = preflight_sidecars(cfg)
         width = self.sidecar_info["width"]
@@ -173,9 +170,7 @@ class Stage2Task:
         if not self.online:
             return batch["emb"].to(device)
         with torch.no_grad():
-            tb = self.ptok(batch["captions"]).to(device)
-            self.text_encoder.to(device)
-            return self.text_encoder.encode(tb).float()
+            return self.text_encoder.encode(self.ptok(batch["captions"]).to(device)).float()
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
         device = engine.device
@@ -219,17 +214,12 @@ class Stage2Task:
                     break
             if len(px) >= c.data.val_max_samples:
                 break
-        if self.online:
-            texts = embs
-            embs = [e for e in self._encode_captions(texts)]
-        return torch.stack(px), torch.as_tensor(np.stack([np.asarray(e, dtype=np.float32) for e in embs]))
+        if self.online:  # captions -> embeddings with the frozen encoder (length-bucketed batches)
+            from llm2clip.text.feature_cache import encode_texts
 
-    def _encode_captions(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), 64):
-                out.append(self.text_encoder.encode(self.ptok(texts[i:i + 64])).float())
-        return torch.cat(out)
+            dev = next(self.text_encoder.parameters()).device
+            return torch.stack(px), encode_texts(self.text_encoder, self.ptok, embs, device=dev)[0]
+        return torch.stack(px), torch.as_tensor(np.stack(embs), dtype=torch.float32)
 
     def evaluate(self, engine, step: int) -> dict[str, float]:
         if not self.cfg.data.val_shards:

@@ -133,6 +133,16 @@ def fingerprint_of(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+def encoder_location(cfg: TextEncoderConfig) -> dict[str, str]:
+    """Where the encoder is on disk and how it pads: not part of the fingerprint (a copied model keeps its
+    fingerprint), recorded beside it so stage 2 and evaluation can find the encoder again."""
+    def absp(p: str) -> str:
+        return str(Path(p).resolve()) if p else ""
+
+    return {"model_path": absp(cfg.model_path), "tokenizer_path": absp(cfg.tokenizer_path),
+            "lora_path": absp(cfg.lora_path), "padding_side": cfg.padding_side, "pad_token": cfg.pad_token}
+
+
 def encoder_fingerprint(cfg: TextEncoderConfig, instruction: str = "", hashes: FileHashCache | None = None) -> str:
     """64-hex content fingerprint of (encoder, instruction); see `fingerprint_record`."""
     return fingerprint_of(fingerprint_record(cfg, instruction, hashes))
