@@ -155,8 +155,9 @@ class Trainer:
         module = self.task.module()
         groups = self.task.param_groups(module)
         for g in groups:
-            g["lr"] = self.optim_cfg.lr * g.pop("lr_scale", 1.0) if "lr" not in g else g["lr"]
-            g.setdefault("initial_lr", g["lr"])
+            # a group's own lr (already scaled) wins; else the base lr times its optional lr_scale
+            scale = g.pop("lr_scale", 1.0)
+            g.setdefault("lr", self.optim_cfg.lr * scale)
         opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas),
                                 eps=self.optim_cfg.eps, weight_decay=self.optim_cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -36,24 +36,43 @@ class MissingSidecarsError(FileNotFoundError):
     pass
 
 
+def _inspect_sidecars(shards: list[str], cfg: Stage2Config, fields: list[str]) -> dict[str, Any]:
+    """Rank 0's look at the sidecars: missing/invalid ones, else the encoder they agree on (or not)."""
+    missing, invalid = check_sidecars(shards, cfg.data.sidecar, cfg.data.fingerprint or None, fields)
+    if missing or invalid:
+        return {"missing": missing, "invalid": invalid}
+    manifests = [read_manifest(sidecar_path_for(s, cfg.data.sidecar)) for s in shards]
+    fps = sorted({m["fingerprint"] for m in manifests})
+    widths = sorted({m["width"] for m in manifests})
+    if len(fps) > 1 or len(widths) > 1:
+        return {"missing": [], "invalid": [], "mixed": (fps, widths)}
+    idx = load_index(index_path_for(sidecar_path_for(shards[0], cfg.data.sidecar), cfg.data.sidecar)) or {}
+    return {"missing": [], "invalid": [], "summary": {
+        "fingerprint": fps[0], "width": widths[0],
+        "encoder": {**idx.get("encoder", {}), **idx.get("encoder_location", {})}}}
+
+
 def preflight_sidecars(cfg: Stage2Config) -> dict[str, Any]:
     """Before any model loads: every image shard has a valid sidecar from one encoder with the fields we
-    need. Returns {"fingerprint", "width", "encoder"}. Runs the embed step when configured to."""
+    need. Returns {"fingerprint", "width", "encoder"}. Runs the embed step when configured to.
+    Rank 0 reads the sidecars and manifests once; the other ranks get its answer."""
     fields = list(dict.fromkeys(cfg.data.dense_fields + cfg.data.original_fields))
     shards = [s for ds in dataset_shards(cfg.data.shards) for s in ds]
-    expected = cfg.data.fingerprint or None
-    missing, invalid = ([], []) if D.get_rank() else check_sidecars(shards, cfg.data.sidecar, expected, fields)
-    missing, invalid = D.broadcast_object((missing, invalid))
-    if (missing or invalid) and cfg.data.missing_sidecars == "embed":
-        log.info(f"{len(missing)} sidecars missing, {len(invalid)} invalid: running the embed step "
+
+    def inspect() -> dict[str, Any]:
+        return D.broadcast_object(_inspect_sidecars(shards, cfg, fields) if D.get_rank() == 0 else None)
+
+    st = inspect()
+    if (st["missing"] or st["invalid"]) and cfg.data.missing_sidecars == "embed":
+        log.info(f"{len(st['missing'])} sidecars missing, {len(st['invalid'])} invalid: running the embed step "
                  f"({cfg.data.embed_config}) first")
         from llm2clip.config import load_config
         from llm2clip.schema_embed import EmbedConfig
         from llm2clip.tasks.embed import run_embed
 
         run_embed(load_config(EmbedConfig, cfg.data.embed_config))
-        missing, invalid = ([], []) if D.get_rank() else check_sidecars(shards, cfg.data.sidecar, expected, fields)
-        missing, invalid = D.broadcast_object((missing, invalid))
+        st = inspect()
+    missing, invalid = st["missing"], st["invalid"]
     if missing or invalid:
         lines = [f"  missing: {sidecar_path_for(s, cfg.data.sidecar)} (for {s})" for s in missing[:5]]
         lines += [f"  invalid: {r}" for _, r in invalid[:5]]
@@ -62,15 +81,11 @@ def preflight_sidecars(cfg: Stage2Config) -> dict[str, Any]:
             f"invalid one:\n" + "\n".join(lines) + "\nRun the embed step first (python tools/embed_captions.py "
             "--config <embed.yaml>, or sbatch slurm/embed.sh), or set data.missing_sidecars=embed with "
             "data.embed_config=<embed.yaml>.")
-    manifests = [read_manifest(sidecar_path_for(s, cfg.data.sidecar)) for s in shards]
-    fps = {m["fingerprint"] for m in manifests}
-    widths = {m["width"] for m in manifests}
-    if len(fps) > 1 or len(widths) > 1:
+    if "mixed" in st:
+        fps, widths = st["mixed"]
         raise ConfigError(f"data.shards: the sidecars come from {len(fps)} different encoders (fingerprints "
-                          f"{sorted(fps)[:3]}) / widths {sorted(widths)}; re-embed or set data.fingerprint")
-    fp, width = fps.pop(), widths.pop()
-    idx = load_index(index_path_for(sidecar_path_for(shards[0], cfg.data.sidecar), cfg.data.sidecar)) or {}
-    return {"fingerprint": fp, "width": width, "encoder": {**idx.get("encoder", {}), **idx.get("encoder_location", {})}}
+                          f"{fps[:3]}) / widths {widths}; re-embed or set data.fingerprint")
+    return st["summary"]
 
 
 class Stage2Task:
@@ -131,11 +146,8 @@ class Stage2Task:
 
     def param_groups(self, module: nn.Module) -> list[dict]:
         o = self.cfg.optim
-        groups = param_groups_for_llm2clip(module, o.lr, o.head_lr or o.lr, o.adapter_lr or o.lr, o.weight_decay,
-                                           o.layer_decay)
-        for g in groups:  # the engine takes lr as given when present
-            g.pop("lr_scale", None)
-        return groups
+        return param_groups_for_llm2clip(module, o.lr, o.head_lr or o.lr, o.adapter_lr or o.lr, o.weight_decay,
+                                         o.layer_decay)
 
     # --- data ----------------------------------------------------------------------------------
     def batches(self, data_state: dict | None) -> Iterator[Any]:
