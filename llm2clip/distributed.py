@@ -167,6 +167,25 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def row_counts(n_local: int, device: torch.device | None = None) -> list[int]:
+    """Rows each rank holds, in rank order (one small all_gather). Compute it once per loss and pass it to
+    the gathers and `local_offset` below, which otherwise each exchange the counts again."""
+    if not is_dist():
+        return [n_local]
+    device = device or collective_device()
+    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size())]
+    dist.all_gather(out, torch.tensor([n_local], dtype=torch.long, device=device))
+    return [int(t.item()) for t in out]
+
+
+def _gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:n] for o, n in zip(out, counts)], dim=0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns this rank's slice of the summed gradient.
 
@@ -175,50 +194,42 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-        sizes_l = [int(s.item()) for s in sizes]
-        max_n = max(sizes_l)
-        padded = x.new_zeros((max_n, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        out = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(out, padded.contiguous())
-        ctx.sizes = sizes_l
-        ctx.rank = dist.get_rank()
-        return torch.cat([o[:n] for o, n in zip(out, sizes_l)], dim=0)
+    def forward(ctx, x: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.counts, ctx.rank = counts, dist.get_rank()
+        return _gather_rows(x, counts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start: start + ctx.sizes[ctx.rank]]
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start: start + ctx.counts[ctx.rank]], None
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
     """Concatenate `x` [n_local, ...] from all ranks in rank order -> [sum n, ...], differentiable.
 
-    Ranks may hold different row counts (the last batch of an epoch). Single process: returns x.
+    Ranks may hold different row counts (the last batch of an epoch); pass `counts` from `row_counts`
+    when you already have them. Single process: returns x.
     """
     if not is_dist() or get_world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, counts or row_counts(x.shape[0], x.device))
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
     """Like gather_with_grad but detached (evaluation features, metrics)."""
+    if not is_dist() or get_world_size() == 1:
+        return x
     with torch.no_grad():
-        return gather_with_grad(x.detach()) if is_dist() else x
+        return _gather_rows(x.detach(), counts or row_counts(x.shape[0], x.device))
 
 
-def local_offset(n_local: int) -> int:
+def local_offset(n_local: int, counts: list[int] | None = None) -> int:
     """Index of this rank's first row inside a gathered batch (labels for the local-loss form)."""
     if not is_dist():
         return 0
-    counts = all_gather_object(n_local)
-    return sum(counts[: get_rank()])
+    return sum((counts or row_counts(n_local))[: get_rank()])
 
 
 def cleanup() -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm2clip.distributed import gather_no_grad, gather_with_grad, get_world_size, is_dist, local_offset
+from llm2clip.distributed import gather_no_grad, gather_with_grad, get_world_size, is_dist, local_offset, row_counts
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -32,11 +32,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _gather(x: torch.Tensor, offset: int, with_grad: bool) -> torch.Tensor:
+def _gather(x: torch.Tensor, counts: list[int], offset: int, with_grad: bool) -> torch.Tensor:
     """[n_local, E] -> [N, E] in rank order. Without grad, this rank's rows keep their autograd graph."""
     if with_grad:
-        return gather_with_grad(x)
-    allx = gather_no_grad(x)
+        return gather_with_grad(x, counts)
+    allx = gather_no_grad(x, counts)
     return torch.cat([allx[:offset], x, allx[offset + x.shape[0]:]], dim=0)
 
 
@@ -70,9 +70,10 @@ class ClipLoss(nn.Module):
             logits = scale * img @ txt.t()
             labels = torch.arange(n, device=img.device)
             return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-        offset = local_offset(n)
-        all_img = _gather(img, offset, self.gather_with_grad)
-        all_txt = _gather(txt, offset, self.gather_with_grad)
+        counts = row_counts(n, img.device)  # once; both gathers and the offset reuse it
+        offset = local_offset(n, counts)
+        all_img = _gather(img, counts, offset, self.gather_with_grad)
+        all_txt = _gather(txt, counts, offset, self.gather_with_grad)
         big_n = all_img.shape[0]
         if self.local_loss:
             labels = torch.arange(offset, offset + n, device=img.device)
@@ -105,8 +106,9 @@ class SigLipLoss(nn.Module):
         if txt.shape[0] != n:
             raise ValueError(f"SigLipLoss: {n} image rows but {txt.shape[0]} text rows")
         world = get_world_size() if is_dist() else 1
-        offset = local_offset(n) if world > 1 else 0
-        all_txt = gather_with_grad(txt) if world > 1 else txt
+        counts = row_counts(n, img.device) if world > 1 else [n]
+        offset = local_offset(n, counts) if world > 1 else 0
+        all_txt = gather_with_grad(txt, counts) if world > 1 else txt
         big_n = all_txt.shape[0]
         logits = scale * img @ all_txt.t() + bias
         signs = -torch.ones_like(logits)

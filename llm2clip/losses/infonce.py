@@ -12,7 +12,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from llm2clip.distributed import gather_no_grad, gather_with_grad, local_offset
+from llm2clip.distributed import gather_no_grad, gather_with_grad, local_offset, row_counts
 
 
 def text_ids(texts: list[str], device: torch.device | None = None) -> torch.Tensor:
@@ -33,14 +33,15 @@ def infonce_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None
     cols = [F.normalize(p.float(), dim=-1)]
     if n is not None:
         cols.append(F.normalize(n.float(), dim=-1))
-    cols = [gather_with_grad(c) for c in cols]
+    counts = row_counts(q.shape[0], q.device)  # once; every gather below reuses it
+    cols = [gather_with_grad(c, counts) for c in cols]
     keys = torch.cat(cols, 0)
     logits = q @ keys.T / temperature
-    labels = local_offset(q.shape[0]) + torch.arange(q.shape[0], device=q.device)
+    labels = local_offset(q.shape[0], counts) + torch.arange(q.shape[0], device=q.device)
     if p_ids is not None:
-        all_ids = [gather_no_grad(p_ids)]
+        all_ids = [gather_no_grad(p_ids, counts)]
         if n is not None and n_ids is not None:
-            all_ids.append(gather_no_grad(n_ids))
+            all_ids.append(gather_no_grad(n_ids, counts))
         if len(all_ids) == len(cols):
             col_ids = torch.cat(all_ids, 0)
             own = col_ids[labels]
