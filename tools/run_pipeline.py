@@ -22,13 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SKIP_DONE = False
 
 
-def sh(args: list[str], log: Path, env: dict, done: Path | None = None) -> None:
+def sh(args: list[str], log: Path, env: dict, done: Path | None = None, skip_done: bool = False) -> None:
     """Run one stage, output to a log; on failure show the tail and stop. With --skip-done, a stage whose
     `done` file exists is not run again."""
-    if done is not None and SKIP_DONE and done.exists():
+    if skip_done and done is not None and done.exists():
         print(f"(skip, done: {done})", flush=True)
         return
     print(f"$ {' '.join(args)}", flush=True)
@@ -52,38 +51,40 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage2-steps", type=int, default=300)
     ap.add_argument("--skip-done", action="store_true", help="reuse stages that already finished in --out")
     args = ap.parse_args(argv)
-    global SKIP_DONE
-    SKIP_DONE = args.skip_done
     out = Path(args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.nproc > 1 else "2")}
+
+    def stage(cmd: list[str], log: Path, done: Path | None = None) -> None:
+        sh(cmd, log, env, done, args.skip_done)
+
     py = [sys.executable]
     launch = py + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
                    if args.nproc > 1 else [])
     data, models = out / "data", out / "models"
     t_start = time.time()
 
-    sh(py + ["tools/make_synthetic_data.py", "--out", str(data), "--train", str(args.train), "--val",
-             str(args.val), "--shard-size", str(max(1, args.train // 4)), "--cls-attr", "color"], logs / "data.log", env,
-       data / "eval" / "classification" / "classnames.txt")
-    sh(py + ["tools/make_tiny_models.py", "--tokenizer", str(data / "tokenizer"), "--out", str(models),
-             "--families", "llama,clip"], logs / "models.log", env, models / "tiny-clip" / "model.safetensors")
+    stage(py + ["tools/make_synthetic_data.py", "--out", str(data), "--train", str(args.train), "--val",
+                str(args.val), "--shard-size", str(max(1, args.train // 4)), "--cls-attr", "color"], logs / "data.log",
+          data / "eval" / "classification" / "classnames.txt")
+    stage(py + ["tools/make_tiny_models.py", "--tokenizer", str(data / "tokenizer"), "--out", str(models),
+                "--families", "llama,clip"], logs / "models.log", models / "tiny-clip" / "model.safetensors")
 
     s1 = out / "stage1"
-    sh(launch + ["tools/train_stage1.py", "--config", "configs/tiny/stage1.yaml",
-                 "--set", f"run.output_dir={s1}", "--set", f"text.model_path={models / 'tiny-llama'}",
-                 "--set", f"data.sources=[{{path: '{data}/train/shard-*.tar'}}]",
-                 "--set", f"data.val_path={data}/val/shard-*.tar", "--set", f"train.max_steps={args.stage1_steps}",
-                 "--set", "run.progress_bar=false"], logs / "stage1.log", env, s1 / "summary.json")
+    stage(launch + ["tools/train_stage1.py", "--config", "configs/tiny/stage1.yaml",
+                    "--set", f"run.output_dir={s1}", "--set", f"text.model_path={models / 'tiny-llama'}",
+                    "--set", f"data.sources=[{{path: '{data}/train/shard-*.tar'}}]",
+                    "--set", f"data.val_path={data}/val/shard-*.tar", "--set", f"train.max_steps={args.stage1_steps}",
+                    "--set", "run.progress_bar=false"], logs / "stage1.log", s1 / "summary.json")
 
     emb = out / "embed"
-    sh(launch + ["tools/embed_captions.py", "--config", "configs/tiny/embed.yaml",
-                 "--set", f"text.model_path={s1 / 'export/merged'}",
-                 "--set", f"data.shards={data}/train/shard-*.tar::{data}/val/shard-*.tar",
-                 "--set", f"output.out_dir={emb}", "--set", f"output.image_root={data}",
-                 "--set", "run.progress_bar=false"], logs / "embed.log", env, emb / "val" / "index.json")
+    stage(launch + ["tools/embed_captions.py", "--config", "configs/tiny/embed.yaml",
+                    "--set", f"text.model_path={s1 / 'export/merged'}",
+                    "--set", f"data.shards={data}/train/shard-*.tar::{data}/val/shard-*.tar",
+                    "--set", f"output.out_dir={emb}", "--set", f"output.image_root={data}",
+                    "--set", "run.progress_bar=false"], logs / "embed.log", emb / "val" / "index.json")
 
     s2 = out / "stage2"
     s2_args = ["--config", "configs/tiny/stage2.yaml", "--set", f"run.output_dir={s2}",
@@ -92,18 +93,18 @@ def main(argv=None) -> dict:
                "--set", f"data.val_shards={data}/val/shard-*.tar", "--set", f"train.max_steps={args.stage2_steps}",
                "--set", "run.progress_bar=false"]
     # model.save_initial: the same model before any step, to answer "did stage 2 help?"
-    sh(launch + ["tools/train_stage2.py", *s2_args, "--set", "model.save_initial=true"], logs / "stage2.log", env,
-       s2 / "summary.json")
+    stage(launch + ["tools/train_stage2.py", *s2_args, "--set", "model.save_initial=true"], logs / "stage2.log",
+          s2 / "summary.json")
 
     ev = out / "eval"
-    sh(launch + ["tools/eval_zero_shot.py",
-                 "--model", f"llm2clip=llm2clip:{s2 / 'export/model'}",
-                 "--model", f"untrained=llm2clip:{s2 / 'export/initial_model'}",
-                 "--model", f"clip_baseline=hf_clip:{models / 'tiny-clip'}",
-                 "--dataset", f"retrieval=karpathy:{data / 'eval/retrieval/karpathy.json'}",
-                 "--dataset", f"long=jsonl:{data / 'eval/retrieval/long.jsonl'}",
-                 "--dataset", f"colors=imagefolder:{data / 'eval/classification'}",
-                 "--output", str(ev / "results.json")], logs / "eval.log", env)
+    stage(launch + ["tools/eval_zero_shot.py",
+                    "--model", f"llm2clip=llm2clip:{s2 / 'export/model'}",
+                    "--model", f"untrained=llm2clip:{s2 / 'export/initial_model'}",
+                    "--model", f"clip_baseline=hf_clip:{models / 'tiny-clip'}",
+                    "--dataset", f"retrieval=karpathy:{data / 'eval/retrieval/karpathy.json'}",
+                    "--dataset", f"long=jsonl:{data / 'eval/retrieval/long.jsonl'}",
+                    "--dataset", f"colors=imagefolder:{data / 'eval/classification'}",
+                    "--output", str(ev / "results.json")], logs / "eval.log")
 
     s1_sum = json.loads((s1 / "summary.json").read_text())
     s2_sum = json.loads((s2 / "summary.json").read_text())
