@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -6,6 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("LLM2CLIP_HASH_CACHE", "off")  # tests never write weight hashes to ~/.cache
+
+
+@pytest.fixture(autouse=True)
+def _llm2clip_logs_reach_caplog(monkeypatch):
+    """setup_logging() (called by in-process runs) stops 'llm2clip' propagating to the root logger, which
+    would hide warnings from caplog in every later test: whatever the test order, they propagate here."""
+    monkeypatch.setattr(logging.getLogger("llm2clip"), "propagate", True)
 
 
 @pytest.fixture(scope="session")

@@ -149,5 +149,13 @@ def get_caption(sample: dict[str, Any], spec: str) -> str | None:
     return val.strip()
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_member(sample: dict[str, Any]) -> bytes | None:
+    """The sample's image bytes (the first image extension present), or None."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
 def field_extensions(fields: list[str]) -> set[str]:
     return {"json" if f.startswith("json:") else f for f in fields}

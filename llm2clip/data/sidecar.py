@@ -26,14 +26,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from llm2clip.config import atomic_write_text
-from llm2clip.data.shards import ReadStats, iter_tar_samples, split_key
+from llm2clip.data.shards import IMAGE_EXTS, ReadStats, iter_tar_samples, split_key
 from llm2clip.schema_embed import field_name
 
 log = logging.getLogger("llm2clip")
 
 FORMAT = "llm2clip-sidecar/1"
 INDEX_FORMAT = "llm2clip-sidecar-index/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class SidecarError(RuntimeError):

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from llm2clip.data.rng import keyed_rng
-from llm2clip.data.shards import expand_shards, get_caption, iter_tar_samples, shard_size
+from llm2clip.data.shards import IMAGE_EXTS, expand_shards, get_caption, image_member, iter_tar_samples, shard_size
 from llm2clip.data.sidecar import JoinStats, iter_joined, sidecar_path_for
 from llm2clip.data.transforms import train_transform
 from llm2clip.schema_embed import field_name
@@ -201,9 +201,9 @@ class Stage2Stream(torch.utils.data.IterableDataset):
     def _read_shard(self, shard: str, fields: list[str], stats: dict) -> Iterator[dict]:
         """Samples of one shard with index, image bytes and {field spec: embedding or caption}."""
         if self.online:
-            for s in iter_tar_samples(shard, want={"jpg", "jpeg", "png", "webp", "txt", "json"}):
+            for s in iter_tar_samples(shard, want={*IMAGE_EXTS, "txt", "json"}):
                 texts = {f: t for f in fields if (t := get_caption(s, f)) is not None}
-                img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+                img = image_member(s)
                 if img is None:
                     stats["skipped_join"] += 1
                     continue

@@ -16,7 +16,7 @@ from torch import nn
 
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError
-from llm2clip.data.shards import expand_shards, iter_tar_samples, get_caption
+from llm2clip.data.shards import IMAGE_EXTS, expand_shards, get_caption, image_member, iter_tar_samples
 from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, iter_joined, load_index, read_manifest,
                                    sidecar_path_for)
 from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader, steps_for_epochs
@@ -207,8 +207,8 @@ class Stage2Task:
         fname = field_name(c.data.val_field)
         for shard in expand_shards(c.data.val_shards):
             if self.online:
-                it = ({"jpg": s.get("jpg"), "t": get_caption(s, c.data.val_field)} for s in
-                      iter_tar_samples(shard, want={"jpg", "txt", "json"}))
+                it = ({"jpg": image_member(s), "t": get_caption(s, c.data.val_field)} for s in
+                      iter_tar_samples(shard, want={*IMAGE_EXTS, "txt", "json"}))
             else:
                 it = ({"jpg": s["jpg"], "t": s["emb"].get(fname)} for s in
                       iter_joined(shard, sidecar_path_for(shard, c.data.sidecar), [c.data.val_field],
