@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -81,6 +82,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}: expected a finite integer, got {value!r}")
         if f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(f)
@@ -88,9 +91,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # nan/inf pass every `<`/`>` check in validate() and poison the run later
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

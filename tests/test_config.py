@@ -48,6 +48,14 @@ def test_type_and_choice_errors():
         load_config(Stage1Config, None, BASE + ["lora.r"])
 
 
+@pytest.mark.parametrize("key", ["train.max_steps", "optim.lr", "optim.betas", "train.zero_stage"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", ".inf"])
+def test_nan_and_inf_are_config_errors_naming_the_key(key, value):
+    v = f"[0.9, {value}]" if key == "optim.betas" else value
+    with pytest.raises(ConfigError, match=rf"{key}.*finite"):
+        load_config(Stage1Config, None, BASE + [f"{key}={v}"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found.*nope.yaml"):
         load_config(Stage1Config, tmp_path / "nope.yaml")
