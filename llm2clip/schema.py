@@ -41,12 +41,21 @@ class TextEncoderConfig:
     attention: Literal["bidirectional", "causal"] = "bidirectional"
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     pooling: Literal["mean", "last", "cls"] = "mean"
+    # mean pooling over: the caption + the template's closing tokens (llm2vec's embed mask, e.g. llama3's
+    # <|eot_id|>) | the caption tokens only
+    pool_scope: Literal["llm2vec", "caption"] = "llm2vec"
+    # also pool the tokenizer's special tokens ([CLS]/[SEP], BOS); auto = yes for encoder-only models
+    # (sentence-transformers' mean over every non-pad token), no for decoders (llm2vec)
+    pool_special_tokens: Literal["auto", "yes", "no"] = "auto"
     template: str = "none"  # a key of TEMPLATES or a literal string with {instruction} and {text}
     max_length: int = 512
     padding_side: Literal["left", "right"] = "left"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     pad_token: Literal["error", "eos"] = "error"  # what to do when the tokenizer has no pad token
     gradient_checkpointing: bool = False
+    # several captions per row up to the token budget, no padding (auto = on where the model allows it)
+    packing: Literal["auto", "on", "off"] = "auto"
+    empty_captions: Literal["error", "skip"] = "error"  # skip: leave them out and count them
 
     def validate(self) -> None:
         if not self.model_path:

@@ -32,6 +32,7 @@ from llm2clip import distributed as D
 from llm2clip.config import ConfigError
 from llm2clip.schema import TextEncoderConfig
 from llm2clip.schema_eval import MODEL_KINDS, EvalModelConfig, EvalRunConfig
+from llm2clip.sharding import portable_error, sharded_map  # noqa: F401 - sharded_map re-exported
 
 log = logging.getLogger("llm2clip")
 
@@ -44,25 +45,11 @@ _STAGE1_KEYS = ("attention", "pooling", "template", "max_length", "padding_side"
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def _portable(error: BaseException | None) -> BaseException | None:
-    """The exception itself if it survives pickling (so other ranks can raise the same type), else a
-    RuntimeError carrying its message."""
-    if error is None:
-        return None
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
 def raise_if_any_failed(error: BaseException | None, what: str) -> None:
     """Collective error check: every rank calls it once; if any rank failed, every rank raises
     (the failing rank's exception, same type and message), so none is left blocked in the next
     collective. ``what`` is logged with the failing rank."""
-    errors = D.all_gather_object(_portable(error))
+    errors = D.all_gather_object(portable_error(error))
     if error is not None:
         raise error
     for r, e in enumerate(errors):
@@ -80,77 +67,12 @@ def on_rank0_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
             result = fn()
         except Exception as e:  # re-raised below on every rank
             err = e
-    result, shared = D.broadcast_object((result, _portable(err)))
+    result, shared = D.broadcast_object((result, portable_error(err)))
     if err is not None:
         raise err
     if shared is not None:
         raise shared
     return result
-
-
-def sharded_map(batches: Sequence[Sequence[int]], n: int,
-                run_local: Callable[[list[list[int]]], Iterable[torch.Tensor]],
-                desc: str = "", progress: bool = True) -> torch.Tensor:
-    """Compute ``[n, D]`` rows batch by batch, the batches split round-robin over ranks.
-
-    Args:
-        batches: a partition of ``range(n)`` into batches; must be identical on every rank.
-        run_local: given this rank's batches, yields one ``[len(batch), D]`` tensor per batch.
-    Returns:
-        ``[n, D]`` float32 on CPU, in input order, on every rank. Every rank makes the same
-        collective calls whatever its share (possibly none); a failure on any rank raises everywhere.
-    """
-    world, rank = D.get_world_size(), D.get_rank()
-    mine = [list(b) for b in batches[rank::world]]
-    outs: list[torch.Tensor] = []
-    err: BaseException | None = None
-    bar = None
-    if progress and rank == 0 and mine:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
-    try:
-        for b, out in zip(mine, run_local(mine)):
-            out = out.detach().float().cpu()
-            if out.shape[0] != len(b):
-                raise RuntimeError(f"{desc}: a batch of {len(b)} gave {out.shape[0]} rows")
-            outs.append(out)
-            if bar is not None:
-                bar.update(1)
-        if len(outs) != len(mine):
-            raise RuntimeError(f"{desc}: {len(mine)} batches planned but {len(outs)} computed")
-    except Exception as e:  # made collective below
-        err = e
-    finally:
-        if bar is not None:
-            bar.close()
-    if world == 1:
-        if err is not None:
-            raise err
-        result = torch.cat(outs) if outs else torch.zeros(0, 0)
-        order = torch.tensor([i for b in mine for i in b], dtype=torch.long)
-        full = torch.empty_like(result)
-        full[order] = result
-        return full
-    width = outs[0].shape[1] if outs else -1
-    status = D.all_gather_object((_portable(err), width))
-    if err is not None:
-        raise err
-    for r, (e, _) in enumerate(status):
-        if e is not None:
-            log.warning(f"{desc} failed on rank {r}")
-            raise e
-    width = max(w for _, w in status)
-    dev = D.collective_device()
-    local = torch.cat(outs) if outs else torch.zeros(0, width)
-    idx = torch.tensor([i for b in mine for i in b], dtype=torch.long)
-    feats = D.gather_no_grad(local.to(dev)).cpu()
-    order = D.gather_no_grad(idx.to(dev)).cpu()
-    if order.numel() != n or not torch.equal(order.sort().values, torch.arange(n)):
-        raise RuntimeError(f"{desc}: gathered rows do not cover 0..{n - 1} exactly once")
-    full = torch.empty(n, width)
-    full[order] = feats
-    return full
 
 
 def fixed_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:

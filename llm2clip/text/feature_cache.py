@@ -4,11 +4,9 @@
   caption's embedding (model config + weight files, tokenizer files, LoRA adapter, pooling, template,
   instruction, max_length, attention). File hashes are memoised by (path, size, mtime, inode), in
   memory and in a small JSON file, so an 8B model is read once, not once per job or per rank.
-- `plan_batches` / `encode_bucketed`: captions sorted by length and packed up to a token budget,
-  so padding is a small fraction of the tokens. Results do not depend on the batching (within
-  floating-point noise): each caption's attention is masked to its own tokens.
-- `cached_text_features(texts, ...)`: embeddings from a cache keyed by the fingerprint and the
-  text's sha256, computing only the missing ones; when nothing is missing the LLM is never loaded.
+- `TextFeatureCache`: embeddings keyed by the fingerprint and the text's sha256 (used by
+  `TextEmbedder.features`, which computes only the missing ones and never loads the LLM when
+  nothing is missing).
 """
 from __future__ import annotations
 
@@ -16,14 +14,10 @@ import hashlib
 import json
 import logging
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-
 from llm2clip.config import atomic_write_text
 from llm2clip.schema import TEMPLATES, TextEncoderConfig
 
@@ -118,6 +112,8 @@ def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
         "tokenizer": {n: hashes.sha256(tok / n) for n in _TOKENIZER_FILES if (tok / n).is_file()},
         "lora": None,
         "pooling": cfg.pooling, "attention": cfg.attention, "template": TEMPLATES.get(cfg.template, cfg.template),
+        # which tokens are averaged: changing it changes every embedding, so old sidecars are refused
+        "pool_tokens": {"scope": cfg.pool_scope, "special": _pool_special(cfg)},
         "instruction": instruction, "max_length": cfg.max_length,
     }
     if cfg.lora_path:
@@ -127,6 +123,12 @@ def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
         rec["lora"] = {"config": _canonical_json_sha(lora / "adapter_config.json"),
                        "weights": {p.name: hashes.sha256(p) for p in _weight_files(lora)}}
     return rec
+
+
+def _pool_special(cfg: TextEncoderConfig) -> bool:
+    from llm2clip.text.encoder import ENCODER_ONLY, model_type, pool_special_tokens
+
+    return pool_special_tokens(cfg, model_type(cfg.model_path) in ENCODER_ONLY)
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
@@ -146,107 +148,6 @@ def encoder_location(cfg: TextEncoderConfig) -> dict[str, str]:
 def encoder_fingerprint(cfg: TextEncoderConfig, instruction: str = "", hashes: FileHashCache | None = None) -> str:
     """64-hex content fingerprint of (encoder, instruction); see `fingerprint_record`."""
     return fingerprint_of(fingerprint_record(cfg, instruction, hashes))
-
-
-# --- batching --------------------------------------------------------------------------------
-@dataclass
-class EncodeStats:
-    captions: int = 0
-    tokens: int = 0  # real tokens
-    padded_tokens: int = 0  # batch x longest, summed over batches (what the model computes)
-    batches: int = 0
-    seconds: float = 0.0
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-    def add(self, o: "EncodeStats") -> None:
-        self.captions += o.captions
-        self.tokens += o.tokens
-        self.padded_tokens += o.padded_tokens
-        self.batches += o.batches
-        self.seconds += o.seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"captions": self.captions, "tokens": self.tokens, "padded_tokens": self.padded_tokens,
-                "batches": self.batches, "padding_fraction": round(self.padding_fraction, 4),
-                "seconds": round(self.seconds, 3)}
-
-
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped longest first, each batch's size x its longest length <= token_budget
-    (a single caption longer than the budget gets a batch of its own). Deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0
-    for i in order:
-        if cur and ((len(cur) + 1) * longest > token_budget or len(cur) >= max_batch_size):
-            batches.append(cur)
-            cur = []
-        if not cur:
-            longest = lengths[i]
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Naive batching in input order (the baseline the benchmark compares against)."""
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-
-
-def _forward(encoder, items, pad_id: int, padding_side: str, device) -> torch.Tensor:
-    from llm2clip.text.tokenize import collate
-
-    batch = collate(items, pad_id, padding_side).to(device)
-    try:
-        return encoder(batch.input_ids, batch.attention_mask, batch.embed_mask)
-    except torch.cuda.OutOfMemoryError:
-        if len(items) == 1:
-            raise
-        batch = None
-        torch.cuda.empty_cache()
-        log.warning(f"CUDA OOM on a batch of {len(items)} captions; splitting it (lower batch.token_budget)")
-        h = len(items) // 2
-        return torch.cat([_forward(encoder, items[:h], pad_id, padding_side, device),
-                          _forward(encoder, items[h:], pad_id, padding_side, device)])
-
-
-@torch.inference_mode()
-def encode_bucketed(encoder, encoded: list[tuple[list[int], list[int]]], pad_id: int, padding_side: str,
-                    batches: list[list[int]], device: torch.device | str = "cpu",
-                    on_batch: Callable[[EncodeStats], None] | None = None) -> tuple[torch.Tensor, EncodeStats]:
-    """Embed pre-tokenised captions (`PromptTokenizer.encode_one` output) batch by batch.
-
-    Returns ([N, H] float32 on CPU, in input order; stats). `on_batch` gets each batch's stats."""
-    t0 = time.perf_counter()
-    stats = EncodeStats()
-    outs: list[torch.Tensor] = []
-    for idx in batches:
-        items = [encoded[i] for i in idx]
-        outs.append(_forward(encoder, items, pad_id, padding_side, device).float())
-        b = EncodeStats(len(idx), sum(len(x[0]) for x in items), len(idx) * max(len(x[0]) for x in items), 1)
-        stats.add(b)
-        if on_batch is not None:
-            on_batch(b)
-    H = int(encoder.hidden_size)
-    flat = torch.cat(outs).cpu() if outs else torch.zeros(0, H)
-    order = torch.tensor([i for idx in batches for i in idx], dtype=torch.long)
-    result = torch.empty_like(flat)
-    result[order] = flat
-    stats.seconds = time.perf_counter() - t0
-    return result, stats
-
-
-def encode_texts(encoder, ptok, texts: Sequence[str], instruction: str = "", token_budget: int = 16384,
-                 max_batch_size: int = 1024, device: torch.device | str = "cpu") -> tuple[torch.Tensor, EncodeStats]:
-    """Texts -> ([N, H] float32, stats) with token-budget batching of length-sorted captions."""
-    encoded = [ptok.encode_one(t, instruction) for t in texts]
-    batches = plan_batches([len(e[0]) for e in encoded], token_budget, max_batch_size)
-    return encode_bucketed(encoder, encoded, ptok.tok.pad_token_id, ptok.tok.padding_side, batches, device)
 
 
 # --- the cache -------------------------------------------------------------------------------
@@ -328,55 +229,3 @@ class TextFeatureCache:
         atomic_write_text(self.meta_path, json.dumps({
             "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "width": int(self.features.shape[1]),
             "dtype": "float32", "count": len(self.keys)}))
-
-
-def cached_text_features(texts: Sequence[str], cache_dir: str | os.PathLike, text_cfg: TextEncoderConfig | None = None,
-                         instruction: str = "", fingerprint: str | None = None,
-                         encoder: Any = None, build_encoder: Callable[[], Any] | None = None,
-                         token_budget: int = 16384, max_batch_size: int = 1024,
-                         device: torch.device | str | None = None, sharded: bool = True) -> torch.Tensor:
-    """[len(texts), H] float32 raw pooled embeddings (not normalised), from the cache where possible.
-
-    The encoder is `encoder` (a (TextEncoder, PromptTokenizer) pair), else `build_encoder()`, else
-    `build_text_encoder(text_cfg)`; it is only built when some text is not cached. `fingerprint`
-    defaults to `encoder_fingerprint(text_cfg, instruction)` (hashing weight files, memoised). Under
-    torch.distributed with `sharded`, the missing texts are split over ranks and rank 0 writes the
-    cache; every rank gets the full result.
-    """
-    from llm2clip import distributed as D
-
-    if fingerprint is None:
-        if text_cfg is None:
-            raise ValueError("cached_text_features needs a fingerprint or a text_cfg to compute one")
-        fingerprint = D.broadcast_object(encoder_fingerprint(text_cfg, instruction) if D.get_rank() == 0 else None)
-    cache = TextFeatureCache(cache_dir, fingerprint)
-    rows = cache.lookup(texts)
-    missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))
-    if missing:
-        world, rank = (D.get_world_size(), D.get_rank()) if sharded else (1, 0)
-        mine = missing[rank::world]
-        feats = np.zeros((0, 0), dtype=np.float32)
-        if mine:  # a rank with nothing to encode never loads the LLM
-            if encoder is None:
-                if build_encoder is not None:
-                    encoder = build_encoder()
-                else:
-                    from llm2clip.text.encoder import build_text_encoder
-
-                    enc, ptok = build_text_encoder(text_cfg)
-                    dev = device or (torch.device("cuda", torch.cuda.current_device())
-                                     if torch.cuda.is_available() else "cpu")
-                    encoder = (enc.to(dev).eval().requires_grad_(False), ptok)
-            enc, ptok = encoder
-            dev = device or next(enc.parameters()).device
-            feats = encode_texts(enc, ptok, mine, instruction, token_budget, max_batch_size, dev)[0].numpy()
-        parts = D.all_gather_object((mine, feats)) if world > 1 else [(mine, feats)]
-        for ts, fs in parts:
-            if ts:
-                cache.add(ts, fs)
-        if D.get_rank() == 0 or not sharded:
-            cache.save()
-        if sharded:
-            D.barrier()
-        rows = cache.lookup(texts)
-    return torch.from_numpy(cache.features[np.asarray(rows, dtype=np.int64)].copy()) if texts else torch.zeros(0, 0)

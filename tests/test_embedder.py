@@ -1,0 +1,122 @@
+"""The one TextEmbedder: packing == padding, position-correct encoders, pooling scope, empty captions,
+the dtype / attention policy."""
+import pytest
+import torch
+
+from llm2clip.schema import TextEncoderConfig
+from llm2clip.text.batching import plan_packed, plan_stats
+from llm2clip.text.embedder import TextEmbedder
+from llm2clip.text.encoder import block_mask, build_text_encoder, resolve_attn_implementation, segment_positions
+from llm2clip.text.tokenize import EmptyCaptionError, PromptTokenizer, pack_rows
+
+INSTR = "Given a caption, retrieve a similar relevant caption: "
+MIXED = ["a cat", "a red circle on the left of a big green square above a small blue star on a white background",
+         "two", "a small blue square", "the quick brown fox jumps over the lazy dog near the river bank today",
+         "red", "a big yellow triangle at the bottom right corner"]
+
+
+def _embedder(path, packing, budget=256, **kw):
+    cfg = TextEncoderConfig(model_path=str(path), packing=packing, **kw)
+    return TextEmbedder(cfg, device="cpu", token_budget=budget, max_batch_size=64)
+
+
+def test_pack_rows_covers_everything_and_fills_rows():
+    lengths = [5, 3, 8, 2, 2, 9, 1, 40, 7, 7]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(10))
+    assert all(sum(lengths[i] for i in r) <= 10 or len(r) == 1 for r in rows)
+    assert pack_rows(lengths, 10) == rows  # deterministic
+    st = plan_stats(plan_packed(lengths, 40, 100), lengths)
+    assert st.captions == 10 and st.tokens == sum(lengths)
+
+
+def test_segment_positions_and_block_mask():
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1], [-1, -1, 2, 2, 2, 2]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]]
+    m = block_mask(seg, torch.float32)
+    assert m.shape == (2, 1, 6, 6) and m.dtype == torch.float32
+    assert m[0, 0, 0, 2] == 0 and m[0, 0, 0, 3] == torch.finfo(torch.float32).min  # no cross-caption attention
+    assert m[0, 0, 5, 5] == 0 and (m[0, 0, 5, :5] < 0).all()  # a pad token sees only itself
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bert"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_packed_equals_unpacked(tiny_world, family, impl):
+    """fp32: packed rows (several captions per row, block-diagonal float mask, positions restarting)
+    give each caption the embedding it gets alone, with instructions and a template."""
+    kw = dict(attn_implementation=impl, template="llama3" if family != "bert" else "none", max_length=64)
+    packed, plain = _embedder(tiny_world[family], "on", **kw), _embedder(tiny_world[family], "off", **kw)
+    assert packed.packing and not plain.packing
+    e_packed = packed.embed(MIXED, INSTR)
+    st = packed.stats
+    assert st.batches < 4 and st.padded_tokens < 1.5 * st.tokens
+    alone = torch.cat([plain.embed([t], INSTR) for t in MIXED])
+    assert (e_packed - alone).abs().max() < 1e-5
+    assert (packed.embed(MIXED[:1], INSTR) - alone[:1]).abs().max() < 1e-5  # a batch of one
+    assert (plain.embed(MIXED, INSTR) - alone).abs().max() < 1e-5  # padded batches too
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_absolute_position_encoder_is_batch_invariant(tiny_world, side):
+    """BERT (absolute positions): a caption's embedding does not depend on what else is in its batch."""
+    enc, ptok = build_text_encoder(TextEncoderConfig(model_path=str(tiny_world["bert"]), padding_side=side,
+                                                     attn_implementation="eager"))
+    enc.eval()
+    with torch.no_grad():
+        alone = enc.encode(ptok(["a cat"]))
+        mixed = enc.encode(ptok(["a cat", MIXED[1], MIXED[4]]))
+    assert (alone[0] - mixed[0]).abs().max() <= 1e-6
+
+
+def test_pooling_scope_llm2vec_keeps_template_tail(tiny_world):
+    """llama3 template: llm2vec pools the caption and <|eot_id|>; pool_scope=caption the caption only."""
+    from llm2clip.text.tokenize import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_world["llama"]))
+    tpl = "<s>{instruction}{text}</s>"  # special tokens of the test tokenizer stand in for the header / eot
+    cap = tok("a red circle", add_special_tokens=False)["input_ids"]
+    head = tok("<s>" + "Q: ", add_special_tokens=False)["input_ids"]
+    tail = tok("</s>", add_special_tokens=False)["input_ids"]
+    ids, m = PromptTokenizer(tok, tpl, 64, pool_scope="llm2vec").encode_one("a red circle", "Q: ")
+    pre = ids[:len(ids) - len(head) - len(cap) - len(tail)]
+    assert ids == pre + head + cap + tail
+    assert m == [0] * (len(pre) + len(head)) + [1] * (len(cap) + len(tail))
+    ids2, m2 = PromptTokenizer(tok, tpl, 64, pool_scope="caption").encode_one("a red circle", "Q: ")
+    assert ids2 == ids and m2 == [0] * (len(pre) + len(head)) + [1] * len(cap) + [0] * len(tail)
+    _, m3 = PromptTokenizer(tok, tpl, 64, pool_special_tokens=True).encode_one("a red circle", "Q: ")
+    assert m3[:len(pre)] == [1] * len(pre)  # the tokenizer's BOS pooled too
+
+
+def test_encoder_only_pools_every_non_pad_token_by_default(tiny_world):
+    """sentence-transformers' mean pooling for BERT: [CLS] text [SEP], all of it."""
+    emb = TextEmbedder(TextEncoderConfig(model_path=str(tiny_world["bert"])), device="cpu")
+    ptok = emb.tokenizer()
+    ids, m = ptok.encode_one("a red circle")
+    assert ptok.special_prefix and m == [1] * len(ids) and ids[0] == ptok.special_prefix[0]
+    off = TextEmbedder(TextEncoderConfig(model_path=str(tiny_world["bert"]), pool_special_tokens="no"), device="cpu")
+    assert off.tokenizer().encode_one("a red circle")[1][0] == 0
+
+
+def test_pooling_scope_changes_the_fingerprint(tiny_world):
+    from llm2clip.text.feature_cache import encoder_fingerprint
+
+    a = TextEncoderConfig(model_path=str(tiny_world["llama"]), template="llama3")
+    b = TextEncoderConfig(model_path=str(tiny_world["llama"]), template="llama3", pool_scope="caption")
+    c = TextEncoderConfig(model_path=str(tiny_world["llama"]), template="llama3", packing="off")
+    assert encoder_fingerprint(a) != encoder_fingerprint(b)
+    assert encoder_fingerprint(a) == encoder_fingerprint(c)  # packing does not change the math
+
+
+def test_empty_caption_is_an_error_naming_it(tiny_world):
+    emb = _embedder(tiny_world["llama"], "auto")
+    with pytest.raises(EmptyCaptionError, match=r"shard-3.tar key 0007.*text.empty_captions=skip"):
+        emb.embed(["a cat", "  "], labels=["shard-3.tar key 0001", "shard-3.tar key 0007"])
+
+
+def test_dtype_and_attention_policy():
+    import importlib.util
+
+    assert resolve_attn_implementation("auto", torch.float32) == "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bf16/fp16 only"):
+            resolve_attn_implementation("flash_attention_2", torch.float32)
