@@ -161,6 +161,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_counters(local: dict[str, Any]) -> dict[str, float]:
+    """Sum numeric counters over ranks, key by key (ranks may know different keys: a reason counted
+    only once it happens). One all_gather of a small dict: call it per log step, not per batch.
+    Collective: every rank must call it."""
+    tot: dict[str, float] = {}
+    for d in all_gather_object({k: v for k, v in local.items() if isinstance(v, (int, float))
+                                and not isinstance(v, bool)}):
+        for k, v in d.items():
+            tot[k] = tot.get(k, 0) + v
+    return tot
+
+
 def collective_device() -> torch.device:
     if is_dist() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -42,6 +42,11 @@ class TrainTask(Protocol):
     def evaluate(self, engine, step: int) -> dict[str, float]: ...
     def after_optimizer_step(self, module: nn.Module) -> None: ...
     def export(self, engine, out_dir: Path) -> None: ...
+    # Optional: this rank's cumulative counters ({"data/corrupt_images": 3, ...}, summed over its loader
+    # workers); the engine sums them over ranks once per log step.
+    # def counters(self) -> dict[str, float]: ...
+    # Optional: the sample keys of a batch, named when its loss is non-finite (default: batch["keys"]).
+    # def batch_keys(self, batch) -> list[str]: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -213,7 +218,7 @@ class Trainer:
                        "perf/tokens_per_s": tok_acc * D.get_world_size() / dt,
                        "perf/items_per_s": item_acc * D.get_world_size() / dt,
                        "perf/data_wait_frac": wait_acc / dt, "perf/peak_mem_gib": peak_memory_gib(),
-                       **{f"train/{k}": v for k, v in m.items()}}
+                       **{f"train/{k}": v for k, v in m.items()}, **self._counters()}
                 metrics.log(step, row)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{row['train/lr']:.2e}")
                 t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
@@ -242,6 +247,11 @@ class Trainer:
         if D.get_rank() == 0:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+    def _counters(self) -> dict[str, float]:
+        """The task's counters summed over ranks (collective: every rank calls it at the same step)."""
+        fn = getattr(self.task, "counters", None)
+        return D.sum_counters(fn()) if fn else {}
 
     def _train_step(self, engine, batches) -> tuple[float, dict, int, int, float]:
         """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens, items, wait s)."""

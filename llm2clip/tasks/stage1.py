@@ -132,8 +132,10 @@ class Stage1Task:
                    "n_ids": text_ids([e.negative for e in examples], q.device) if use_neg else None}
         loss, m = infonce_loss(q, p, neg, self.cfg.loss.temperature, **ids)
         m["n_items"] = n
-        m["skipped_samples"] = float(self.stream.skipped)
         return loss, m, tb.n_tokens
+
+    def counters(self) -> dict[str, float]:  # the engine sums these over ranks per log step
+        return {"data/skipped_samples": float(self.stream.skipped)}
 
     def after_optimizer_step(self, module: nn.Module) -> None:
         pass

@@ -171,11 +171,16 @@ class Stage2Task:
         return {"workers": {str(k): v for k, v in self.states.items()}, "batches": self.consumed}
 
     def _data_counters(self) -> dict[str, float]:
+        """This rank's counters, summed over its loader workers (numbers only, whatever keys they carry)."""
         tot: dict[str, float] = {}
         for st in self.states.values():
             for k, v in st.get("stats", {}).items():
-                tot[f"data/{k}"] = tot.get(f"data/{k}", 0) + v
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tot[f"data/{k}"] = tot.get(f"data/{k}", 0) + v
         return tot
+
+    def counters(self) -> dict[str, float]:  # the engine sums these over ranks per log step
+        return self._data_counters()
 
     # --- step ----------------------------------------------------------------------------------
     def _text_emb(self, batch, device) -> torch.Tensor:
@@ -191,7 +196,7 @@ class Stage2Task:
         emb = self._text_emb(batch, device).to(dtype)
         out = engine(pixels, emb)
         loss = self.loss_fn(*out)
-        m = {"n_items": pixels.shape[0], "logit_scale": float(out[2].detach()), **self._data_counters()}
+        m = {"n_items": pixels.shape[0], "logit_scale": float(out[2].detach())}
         return loss, m, pixels.shape[0]
 
     def after_optimizer_step(self, module: nn.Module) -> None:
@@ -266,10 +271,11 @@ class Stage2Task:
     def export(self, engine, out_dir: Path) -> None:
         """The trained model (tower + projection + adapter) as safetensors + config, for evaluation."""
         module = engine.module
+        stats = D.sum_counters(self._data_counters())  # every rank's, not rank 0's alone
         if self.rank == 0:
             sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
             module.save_pretrained(out_dir / "model", state_dict=sd)
-            (out_dir / "data_stats.json").write_text(json.dumps(self._data_counters(), indent=1))
+            (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
         D.barrier()
 
 
