@@ -21,6 +21,8 @@ from llm2clip.schema import TextEncoderConfig
 from llm2clip.schema_embed import EmbedConfig
 from llm2clip.tasks.embed import EmbedConflictError, assign_lpt, plan_jobs, run_embed
 from llm2clip.text import feature_cache as FC
+from llm2clip.text.batching import fixed_batches, plan_batches
+from llm2clip.text.embedder import TextEmbedder
 
 FIELDS = ["txt", "json:dense", "json:dense_alt"]
 NAMES = ["txt", "dense", "dense_alt"]
@@ -97,6 +99,14 @@ def encoder(w, padding_side: str = "left"):
     return enc.eval(), ptok
 
 
+def embed(enc, ptok, texts, packing="auto", token_budget=16384, max_batch_size=1024):
+    """(embeddings [N, H], stats) through the TextEmbedder with an already-built encoder."""
+    e = TextEmbedder(TextEncoderConfig(model_path=".", packing=packing), "cpu", token_budget, max_batch_size,
+                     encoder=enc, ptok=ptok)
+    e._packing = packing != "off"
+    return e.embed_encoded(e.encode(texts))
+
+
 def captions(w, n: int = 60) -> list[str]:
     out = []
     for s in iter_tar_samples(str(w["data"] / "train" / "shard-000000.tar"), want={"txt", "json"}):
@@ -108,11 +118,11 @@ def captions(w, n: int = 60) -> list[str]:
 def test_plan_batches_respects_budget_and_covers_everything():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 120, size=500).tolist()
-    batches = FC.plan_batches(lengths, token_budget=1000, max_batch_size=32)
+    batches = plan_batches(lengths, token_budget=1000, max_batch_size=32)
     assert sorted(i for b in batches for i in b) == list(range(500))
     assert all(len(b) <= 32 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000) for b in batches)
-    assert FC.plan_batches(lengths, 1000, 32) == batches
-    assert FC.plan_batches([5000, 3], 100, 8) == [[0], [1]]  # longer than the budget: alone
+    assert plan_batches(lengths, 1000, 32) == batches
+    assert plan_batches([5000, 3], 100, 8) == [[0], [1]]  # longer than the budget: alone
 
 
 def test_lpt_assignment_balances_unequal_shards():
@@ -127,12 +137,12 @@ def test_lpt_assignment_balances_unequal_shards():
 def test_embedding_is_invariant_to_batching(world, side):
     enc, ptok = encoder(world, side)
     texts = captions(world, 48)
-    bucketed, st = FC.encode_texts(enc, ptok, texts, token_budget=300, max_batch_size=16)
+    bucketed, st = embed(enc, ptok, texts, "off", token_budget=300, max_batch_size=16)
     assert st.batches > 3 and st.padding_fraction > 0  # real mixed-length batches with padding
-    naive = FC.encode_bucketed(enc, [ptok.encode_one(t) for t in texts], ptok.tok.pad_token_id, side,
-                               FC.fixed_batches(len(texts), 7))[0]
-    alone = torch.cat([FC.encode_texts(enc, ptok, [t])[0] for t in texts])
-    for got in (bucketed, naive):
+    packed, st = embed(enc, ptok, texts, "on", token_budget=300, max_batch_size=16)
+    assert st.batches > 3 and st.padding_fraction < 0.05
+    alone = torch.cat([embed(enc, ptok, [t])[0] for t in texts])
+    for got in (bucketed, packed):
         np.testing.assert_allclose(got.half().float().numpy(), alone.half().float().numpy(), rtol=2e-3, atol=2e-3)
         assert (got - alone).abs().max() < 1e-4  # fp32 noise only
 
@@ -145,8 +155,8 @@ def test_token_budget_pads_less_than_fixed_batches(world):
         padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         return 1 - sum(lengths) / padded
 
-    budget = pad(FC.plan_batches(lengths, 400, 64))
-    naive = pad(FC.fixed_batches(len(lengths), 16))
+    budget = pad(plan_batches(lengths, 400, 64))
+    naive = pad(fixed_batches(len(lengths), 16))
     assert budget < 0.1 < naive and budget < naive / 3, (budget, naive)
     assert world["clean_summary"]["padding_fraction"] < naive
 
@@ -173,7 +183,7 @@ def test_sidecar_layout_manifest_index_and_values(world):
             assert "txt" not in got[samples[0]["__key__"]]
     # values: the sidecar equals each caption embedded alone (fp16 rounding)
     s = samples[4]
-    alone = FC.encode_texts(enc, ptok, [get_caption(s, f) for f in FIELDS])[0].half().numpy()
+    alone = embed(enc, ptok, [get_caption(s, f) for f in FIELDS])[0].half().numpy()
     for j, n in enumerate(NAMES):
         assert got[s["__key__"]][n].dtype == np.float16 and got[s["__key__"]][n].shape == (64,)
         np.testing.assert_allclose(got[s["__key__"]][n].astype(np.float32), alone[j].astype(np.float32), atol=2e-3, rtol=2e-3)
@@ -323,15 +333,15 @@ def test_text_feature_cache_computes_only_missing(world, tmp_path):
     calls: list[list[str]] = []
 
     class Spy(torch.nn.Module):
-        hidden_size = enc.hidden_size
+        hidden_size, can_pack = enc.hidden_size, enc.can_pack
 
         def __init__(self):
             super().__init__()
             self.inner = enc
 
-        def forward(self, ids, attn, emb):
-            calls.append(ids.shape[0])
-            return self.inner(ids, attn, emb)
+        def encode(self, batch):
+            calls.append(batch.n_captions)
+            return self.inner.encode(batch)
 
     built = []
 
@@ -341,18 +351,22 @@ def test_text_feature_cache_computes_only_missing(world, tmp_path):
 
     tcfg = TextEncoderConfig(model_path=str(world["llama"]), attn_implementation="sdpa", max_length=64)
     cache = tmp_path / "cache"
-    first = FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=build)
+
+    def features(ts, c, build_encoder):
+        return TextEmbedder(c, "cpu", loader=build_encoder).features(ts, cache_dir=str(cache))
+
+    first = features(texts[:8], tcfg, build)
     assert len(built) == 1 and sum(calls) == 8
-    alone = torch.cat([FC.encode_texts(enc, ptok, [t])[0] for t in texts])
+    alone = torch.cat([embed(enc, ptok, [t])[0] for t in texts])
     assert (first - alone[:8]).abs().max() < 1e-4
 
     def no_llm():
         raise AssertionError("everything is cached: the LLM must not be loaded")
 
-    again = FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=no_llm)
+    again = features(texts[:8], tcfg, no_llm)
     assert torch.equal(again, first)
     calls.clear()
-    more = FC.cached_text_features(texts[4:] + texts[4:6], cache, tcfg, build_encoder=build)
+    more = features(texts[4:] + texts[4:6], tcfg, build)
     assert len(built) == 2 and sum(calls) == 4, "only the 4 uncached texts are encoded (duplicates once)"
     assert (more - torch.cat([alone[4:], alone[4:6]])).abs().max() < 1e-4
     assert len(FC.TextFeatureCache(cache, FC.encoder_fingerprint(tcfg))) == 12
@@ -362,11 +376,11 @@ def test_text_feature_cache_computes_only_missing(world, tmp_path):
     meta = json.loads((cache / f"text_features-{fp[:16]}.json").read_text())
     meta["count"] = 8
     (cache / f"text_features-{fp[:16]}.json").write_text(json.dumps(meta))
-    assert torch.equal(FC.cached_text_features(texts[:8], cache, tcfg, build_encoder=no_llm), first)
+    assert torch.equal(features(texts[:8], tcfg, no_llm), first)
     assert len(FC.TextFeatureCache(cache, fp)) == 12
     # another encoder gets its own cache file
     other = TextEncoderConfig(**{**tcfg.__dict__, "max_length": 32})
-    FC.cached_text_features(texts[:2], cache, other, build_encoder=build)
+    features(texts[:2], other, build)
     assert len(built) == 3 and len(list(cache.glob("*.safetensors"))) == 2
 
 

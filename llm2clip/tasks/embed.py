@@ -8,8 +8,9 @@
    job (unless output.overwrite), everything else is (re)done.
 2. Balance: the remaining shards go to ranks by greedy longest-processing-time on their sample
    counts (or file sizes), the same on every rank; each shard is written by exactly one rank.
-3. Encode: per window of shards, read only the text members, tokenise, sort by length, pack
-   batches up to batch.token_budget, run the frozen encoder under torch.inference_mode.
+3. Encode: per window of shards, read only the text members, tokenise (one call per window), and
+   embed with the TextEmbedder: captions packed into rows up to batch.token_budget (or length-sorted
+   padded batches with text.packing=off), the frozen encoder under no_grad.
 4. Write: sidecar tar then manifest (see llm2clip/data/sidecar.py); rank 0 writes index.json per
    sidecar folder and a summary (captions, tokens, padding fraction, seconds, skipped).
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError, atomic_write_text, save_config
@@ -34,8 +34,9 @@ from llm2clip.data import sidecar as S
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
 from llm2clip.schema import TEMPLATES
 from llm2clip.schema_embed import EmbedConfig, field_name
-from llm2clip.text.feature_cache import EncodeStats, FileHashCache, encode_bucketed, encoder_location, \
-    fingerprint_of, fingerprint_record, plan_batches
+from llm2clip.text.batching import EncodeStats
+from llm2clip.text.feature_cache import FileHashCache, encoder_location, fingerprint_of, fingerprint_record
+from llm2clip.text.tokenize import check_captions
 
 log = logging.getLogger("llm2clip")
 
@@ -155,11 +156,15 @@ class Window:
     encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)
     read_errors: list[list[str]] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
+    empty: int = 0  # empty / whitespace-only captions skipped (text.empty_captions=skip)
 
 
-def load_window(jobs: list[ShardJob], fields: list[str], ptok, instruction: str) -> Window:
-    """Read the text members of each shard (images are never read into memory) and tokenise."""
+def load_window(jobs: list[ShardJob], fields: list[str], ptok, instruction: str, empty_policy: str = "error") -> Window:
+    """Read the text members of each shard (images are never read into memory) and tokenise them
+    (one tokenizer call per window). An empty caption raises naming its shard and key, or is
+    skipped (left out of the sidecar like a missing one) and counted."""
     w = Window(jobs)
+    caps: list[str] = []
     want = field_extensions(fields)
     for si, job in enumerate(jobs):
         rs, keys, seen, dup = ReadStats(), [], set(), 0
@@ -174,10 +179,16 @@ def load_window(jobs: list[ShardJob], fields: list[str], ptok, instruction: str)
                 cap = get_caption(s, spec)
                 if cap is not None:
                     w.items.append((si, key, field_name(spec)))
-                    w.encoded.append(ptok.encode_one(cap, instruction))
+                    caps.append(cap)
         w.keys.append(keys)
         w.read_errors.append(rs.read_errors)
         w.duplicates.append(dup)
+    keep = check_captions(caps, [f"{jobs[si].image} key {key} field {name}" for si, key, name in w.items],
+                          empty_policy, "embed")
+    if len(keep) < len(caps):
+        w.empty = len(caps) - len(keep)
+        w.items, caps = [w.items[i] for i in keep], [caps[i] for i in keep]
+    w.encoded = ptok.encode(caps, instruction)
     return w
 
 
@@ -247,19 +258,9 @@ class _Progress:
             self.bar.close()
 
 
-def _load_encoder(cfg: EmbedConfig):
-    from llm2clip.text.encoder import build_text_encoder, resolve_dtype
-
-    dtype = resolve_dtype(cfg.text.dtype)
-    enc, ptok = build_text_encoder(cfg.text, dtype=dtype)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    enc = enc.to(device).eval().requires_grad_(False)
-    return enc, ptok, device, str(dtype).replace("torch.", "")
-
-
 def _work(cfg: EmbedConfig, jobs: list[ShardJob], fp: str, rank: int) -> dict[str, Any]:
     """Encode and write this rank's shards; never raises (errors are reported to every rank)."""
-    res: dict[str, Any] = {"manifests": [], "stats": EncodeStats().as_dict(), "missing_captions": 0,
+    res: dict[str, Any] = {"manifests": [], "stats": EncodeStats().as_dict(), "missing_captions": 0, "empty_captions": 0,
                            "nonfinite": 0, "read_errors": 0, "error": None}
     if not jobs:
         return res
@@ -271,9 +272,13 @@ def _work(cfg: EmbedConfig, jobs: list[ShardJob], fp: str, rank: int) -> dict[st
     windows = [jobs[i:i + W] for i in range(0, len(jobs), W)]
     pool = ThreadPoolExecutor(1) if cfg.batch.prefetch else None
     try:
-        enc, ptok, device, compute_dtype = _load_encoder(cfg)
+        from llm2clip.text.embedder import TextEmbedder
+
+        embedder = TextEmbedder(cfg.text, token_budget=cfg.batch.token_budget, max_batch_size=cfg.batch.max_batch_size)
+        ptok, compute_dtype = embedder.tokenizer(), embedder.compute_dtype
         prog = _Progress(rank == 0, cfg.run.progress_bar, total, cfg.run.log_every_s)  # after the (slow) load
-        load = lambda js: load_window(js, cfg.data.fields, ptok, cfg.data.instruction)  # noqa: E731
+        load = lambda js: load_window(js, cfg.data.fields, ptok, cfg.data.instruction,  # noqa: E731
+                                      cfg.text.empty_captions)
         nxt = pool.submit(load, windows[0]) if pool else None
         for wi, wjobs in enumerate(windows):
             w = nxt.result() if pool else load(wjobs)
@@ -284,13 +289,12 @@ def _work(cfg: EmbedConfig, jobs: list[ShardJob], fp: str, rank: int) -> dict[st
             res["read_errors"] += sum(len(r) for r in w.read_errors)
             if total is not None:
                 prog.shrink(sum(j.samples for j in wjobs) * n_fields - len(w.items))
-            batches = plan_batches([len(e[0]) for e in w.encoded], cfg.batch.token_budget, cfg.batch.max_batch_size)
-            out, st = encode_bucketed(enc, w.encoded, ptok.tok.pad_token_id, ptok.tok.padding_side, batches,
-                                      device, on_batch=prog)
+            res["empty_captions"] += w.empty
+            out, st = embedder.embed_encoded(w.encoded, on_batch=prog)
             stats.add(st)
             emb = out.numpy().astype(cfg.output.dtype)
             if not len(w.items):  # no caption at all: width still has to be known
-                emb = np.zeros((0, enc.hidden_size), dtype=cfg.output.dtype)
+                emb = np.zeros((0, embedder.hidden_size), dtype=cfg.output.dtype)
             for sc, m in _write_window(w, emb, cfg, fp, compute_dtype):
                 res["nonfinite"] += sum(len(v) for v in m["nonfinite"].values())
                 res["manifests"].append((sc, m))
@@ -402,6 +406,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
                "captions": st.captions, "tokens": st.tokens, "padded_tokens": st.padded_tokens,
                "padding_fraction": round(st.padding_fraction, 4), "batches": st.batches,
                "missing_captions": sum(r["missing_captions"] for r in results),
+               "empty_captions": sum(r["empty_captions"] for r in results),
                "nonfinite": sum(r["nonfinite"] for r in results), "read_errors": sum(r["read_errors"] for r in results),
                "seconds": round(seconds, 3), "captions_per_s": round(st.captions / seconds, 2),
                "tokens_per_s": round(st.tokens / seconds, 1), "world_size": world, "fingerprint": fp,
