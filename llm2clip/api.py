@@ -42,27 +42,27 @@ class LLM2CLIP:
     @torch.no_grad()
     def encode_text(self, captions: list[str], instruction: str | None = None, batch_size: int = 64) -> torch.Tensor:
         """Captions -> [N, embed_dim] text features, through the stage-1 encoder and the adapter."""
-        from llm2clip.text.feature_cache import encode_texts
-
-        enc, ptok = self._text_encoder()
         instr = str(self.model.text_encoder_info.get("instruction", "")) if instruction is None else instruction
-        llm_emb, _ = encode_texts(enc, ptok, list(captions), instr, max_batch_size=batch_size, device=self.device)
-        return self.encode_text_embedding(llm_emb)
+        embedder = self._text_embedder()
+        embedder.max_batch_size = batch_size
+        return self.encode_text_embedding(embedder.embed(list(captions), instr))
 
-    def _text_encoder(self):
+    def _text_embedder(self):
+        """The TextEmbedder of the recorded stage-1 encoder (the same batching, pooling and dtype policy
+        as the embed step: bf16 on GPU, fp32 on CPU)."""
         if self._encoder is None:
-            from llm2clip.eval.models import _INFO_KEYS, text_encoder_config
-            from llm2clip.text.encoder import build_text_encoder
+            from llm2clip.text.embedder import TextEmbedder
+            from llm2clip.text.settings import recorded_settings, text_encoder_config
 
-            info = self.model.text_encoder_info or {}
-            cfg = text_encoder_config({k: info[k] for k in _INFO_KEYS if k in info}, self._text_overrides, "load_model")
+            cfg = text_encoder_config(recorded_settings(self.model.text_encoder_info or {}), self._text_overrides,
+                                      "load_model")
             if not cfg.model_path:
                 raise ValueError("this model records no text encoder path; pass load_model(..., text_model_path=...)")
-            enc, ptok = build_text_encoder(cfg, dtype=torch.float32)
-            if enc.hidden_size != self.model.llm_dim:
-                raise ValueError(f"the text encoder at {cfg.model_path} is {enc.hidden_size} wide but the adapter "
+            embedder = TextEmbedder(cfg, self.device)
+            if embedder.hidden_size != self.model.llm_dim:
+                raise ValueError(f"the text encoder at {cfg.model_path} is {embedder.hidden_size} wide but the adapter "
                                  f"expects {self.model.llm_dim}: use the stage-1 encoder this model was trained with")
-            self._encoder = (enc.to(self.device).eval(), ptok)
+            self._encoder = embedder
         return self._encoder
 
 

@@ -50,7 +50,7 @@ def test_causal_mode_and_padding_does_not_leak(tiny_world, impl):
 
 
 def test_mean_pooling_excludes_instruction_and_template(tiny_world):
-    enc, ptok = _enc(tiny_world["llama"], template="llama3")
+    enc, ptok = _enc(tiny_world["llama"], template="llama3", pool_scope="caption")  # llm2vec scope: test_embedder
     ids, mask = ptok.encode_one("a red circle", "Given a caption, retrieve a similar relevant caption: ")
     caption_ids = ptok.tok("a red circle", add_special_tokens=False)["input_ids"]
     kept = [i for i, m in zip(ids, mask) if m]
@@ -80,7 +80,7 @@ def test_last_and_cls_pooling(tiny_world):
 
 
 def test_truncation_keeps_template(tiny_world):
-    enc, ptok = _enc(tiny_world["llama"], template="llama3", max_length=48)
+    enc, ptok = _enc(tiny_world["llama"], template="llama3", max_length=48, pool_scope="caption")
     full_ids, full_mask = ptok.encode_one("red", "")
     ids, mask = ptok.encode_one("red " * 100, "")
     assert len(ids) == 48 and sum(mask) == 48 - (len(full_ids) - sum(full_mask))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -33,15 +32,9 @@ from llm2clip.config import ConfigError
 from llm2clip.schema import TextEncoderConfig
 from llm2clip.schema_eval import MODEL_KINDS, EvalModelConfig, EvalRunConfig
 from llm2clip.sharding import portable_error, sharded_map  # noqa: F401 - sharded_map re-exported
+from llm2clip.text.settings import RECORD_FILE, recorded_settings, text_encoder_config
 
 log = logging.getLogger("llm2clip")
-
-# text_encoder info keys (written by stage 2 into llm2clip_config.json) that configure the encoder
-_INFO_KEYS = ("model_path", "tokenizer_path", "lora_path", "attention", "pooling", "template", "max_length",
-              "padding_side", "pad_token")
-# keys of a stage-1 export's llm2clip_text.json that configure the encoder
-_STAGE1_KEYS = ("attention", "pooling", "template", "max_length", "padding_side")
-
 
 # ----------------------------------------------------------------------------- distributed helpers
 
@@ -131,10 +124,8 @@ class LLMText:
         self.expected_fingerprint, self.expected_record = expected_fingerprint, expected_record or {}
         self.expected_instruction = expected_instruction
         self.check_fingerprint = check_fingerprint
-        self._encoder = None
-        self._ptok = None
+        self._embedder = None
         self._fingerprints: dict[str, str] = {}
-        self._caches: dict[str, Any] = {}
         self._records: dict[str, dict] = {}
         self._verified = False
         self.stats: dict[str, Any] = {"encoded": 0, "from_cache": 0, "fingerprints": {}}
@@ -187,128 +178,47 @@ class LLMText:
                 f"the encoder stage 2 used, or set {self.label}.check_fingerprint=false to evaluate anyway.")
         self._verified = True
 
-    # -- loading --
-    def tokenizer(self):
-        if self._ptok is None:
-            from llm2clip.text.tokenize import PromptTokenizer, load_tokenizer
+    # -- encoding (the TextEmbedder: same batching, packing and pooling as the embed step) --
+    def embedder(self):
+        if self._embedder is None:
+            from llm2clip.text.embedder import TextEmbedder
 
-            self._need_path()
-            tok = load_tokenizer(self.cfg.tokenizer_path or self.cfg.model_path, self.cfg.pad_token,
-                                 self.cfg.padding_side)
-            self._ptok = PromptTokenizer(tok, self.cfg.template, self.cfg.max_length, self.cfg.pooling)
-        return self._ptok
+            def load():
+                from llm2clip.text.encoder import build_text_encoder, resolve_dtype
 
-    def encoder(self):
-        if self._encoder is None:
-            from llm2clip.text.encoder import build_text_encoder
+                self._need_path()
+                return build_text_encoder(self.cfg, dtype=resolve_dtype(self.cfg.dtype))
 
-            self._need_path()
-            enc, self._ptok = build_text_encoder(self.cfg)
-            self._encoder = enc.to(self.device).eval().requires_grad_(False)
-        return self._encoder
+            self._embedder = TextEmbedder(self.cfg, self.device, self.run.text_token_budget, self.run.text_batch_size,
+                                          loader=load, progress=self.run.progress)
+            self._embedder._owned = True
+        return self._embedder
 
     def release(self) -> None:
-        self._encoder = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self._embedder is not None:
+            self._embedder.release()
 
-    # -- encoding --
     def encode_direct(self, texts: list[str], instruction: str = "") -> torch.Tensor:
-        """One batch, this process only: ``[B, H]`` raw pooled embeddings (for checks and small jobs)."""
+        """This process only: ``[B, H]`` raw pooled embeddings (for checks and small jobs)."""
         self.verify(collective=False)
-        enc = self.encoder()
-        batch = self.tokenizer()(texts, instruction).to(self.device)
-        with torch.no_grad():
-            return enc(batch.input_ids, batch.attention_mask, batch.embed_mask).float().cpu()
+        return self.embedder().embed(texts, instruction)
 
     def features(self, texts: list[str], instruction: str = "", desc: str = "") -> torch.Tensor:
         """Raw embeddings ``[len(texts), H]`` of distinct texts, from the cache where possible;
         the rest computed sharded over ranks (and added to the cache by rank 0)."""
         if self.cfg.model_path:
             self.verify()
-        cache = None
-        todo = list(range(len(texts)))
-        if self.run.text_cache_dir:
-            cache = self._cache(self.fingerprint(instruction))
-            rows = cache.lookup(texts)
-            todo = [i for i, r in enumerate(rows) if r is None]
-        self.stats["from_cache"] += len(texts) - len(todo)
-        self.stats["encoded"] += len(todo)
-        if todo:
-            computed = self._compute([texts[i] for i in todo], instruction, desc)
-            if cache is None:
-                return computed
-            cache.add([texts[i] for i in todo], computed.numpy())
-            if D.get_rank() == 0:
-                cache.save()
-        if cache is None:  # nothing to encode
-            return torch.zeros(0, 0)
-        import numpy as np
-
-        rows = cache.lookup(texts)
-        return torch.from_numpy(cache.features[np.asarray(rows, dtype=np.int64)].copy())
-
-    def _cache(self, fingerprint: str):
-        """The cache of one fingerprint, loaded once per run and then kept in memory: every rank adds
-        the same rows, so all ranks agree on what is cached (which decides the batch plan). If the
-        ranks read different versions of the file (another job writing it), rank 0's wins."""
-        if fingerprint not in self._caches:
-            from llm2clip.text.feature_cache import TextFeatureCache
-
-            cache = TextFeatureCache(self.run.text_cache_dir, fingerprint)
-            if D.get_world_size() > 1:
-                sig = hashlib.sha256("".join(cache.keys).encode()).hexdigest()
-                if len(set(D.all_gather_object(sig))) > 1:
-                    keys, feats = D.broadcast_object((cache.keys, cache.features) if D.get_rank() == 0 else None)
-                    cache.keys, cache.features = list(keys), feats
-                    cache.row = {k: i for i, k in enumerate(cache.keys)}
-            self._caches[fingerprint] = cache
-        return self._caches[fingerprint]
-
-    def _compute(self, texts: list[str], instruction: str, desc: str) -> torch.Tensor:
-        from llm2clip.text.feature_cache import plan_batches
-        from llm2clip.text.tokenize import collate
-
-        ptok = self.tokenizer()
-        encoded = [ptok.encode_one(t, instruction) for t in texts]
-        batches = plan_batches([len(e[0]) for e in encoded], self.run.text_token_budget, self.run.text_batch_size)
-        pad_id, side = ptok.tok.pad_token_id, ptok.tok.padding_side
-
-        def run_local(mine):
-            enc = self.encoder() if mine else None
-            for b in mine:
-                batch = collate([encoded[i] for i in b], pad_id, side).to(self.device)
-                with torch.no_grad():
-                    yield enc(batch.input_ids, batch.attention_mask, batch.embed_mask)
-
-        return sharded_map(batches, len(texts), run_local, desc or f"{self.label} text", self.run.progress)
-
-
-def text_encoder_config(base: dict[str, Any], overrides: dict[str, Any], label: str) -> TextEncoderConfig:
-    """TextEncoderConfig from recorded settings + user overrides (later wins; empty values ignored).
-
-    Values are checked against the field types (a Literal's choices, int / str) so a typo in an
-    override fails here, naming the key."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(TextEncoderConfig)
-    kwargs: dict[str, Any] = {"pad_token": "eos"}  # pad positions are masked out; the pad id never changes an embedding
-    for src, where in ((base, "recorded text encoder"), (overrides, f"{label}.text")):
-        for k, v in src.items():
-            if k not in hints or v is None or v == "":
-                continue
-            tp = hints[k]
-            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-            if choices is not None and v not in choices:
-                raise ConfigError(f"{where}.{k}: {v!r} is not one of {list(choices)}")
-            if tp in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
-            if tp is bool and not isinstance(v, bool):
-                raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
-            kwargs[k] = tp(v) if tp in (int, float, str) else v
-    names = {f.name for f in dataclasses.fields(TextEncoderConfig)}
-    return TextEncoderConfig(**{k: v for k, v in kwargs.items() if k in names})
+        e = self.embedder()
+        cache_dir = self.run.text_cache_dir
+        fp = self.fingerprint(instruction) if cache_dir else None
+        hits, misses = e.cache_hits, e.cache_misses
+        out = e.features(texts, instruction, cache_dir, fp, desc or f"{self.label} text")
+        if cache_dir:
+            self.stats["from_cache"] += e.cache_hits - hits
+            self.stats["encoded"] += e.cache_misses - misses
+        else:
+            self.stats["encoded"] += len(texts)
+        return out
 
 
 # ----------------------------------------------------------------------------- models
@@ -389,11 +299,11 @@ class TextOnlyEval(EvalModel):
     def __init__(self, name, spec, run, device):
         super().__init__(name, spec, run, device)
         recorded: dict[str, Any] = {}
-        info_path = Path(spec.path) / "llm2clip_text.json"
+        info_path = Path(spec.path) / RECORD_FILE
         if info_path.is_file():
             info = json.loads(info_path.read_text())
-            recorded = {k: info[k] for k in _STAGE1_KEYS if k in info}
-        self.recorded_from = str(info_path) if recorded else "defaults (no llm2clip_text.json)"
+            recorded = {k: v for k, v in recorded_settings(info).items() if k not in ("model_path", "lora_path")}
+        self.recorded_from = str(info_path) if recorded else f"defaults (no {RECORD_FILE})"
         cfg = text_encoder_config({**recorded, "model_path": spec.path}, spec.text, f"models.{name}")
         self.llm = LLMText(cfg, run, device, f"models.{name}")
         self.default_instruction = spec.instruction or ""
@@ -432,7 +342,7 @@ class LLM2ClipEval(EvalModel):
         t = self.model.tower
         self.transform = eval_transform(t.image_size, t.mean, t.std)
         info = dict(self.model.text_encoder_info or {})
-        base = {k: info[k] for k in _INFO_KEYS if k in info}
+        base = recorded_settings(info)
         if "model_path" not in base and info.get("path"):
             base["model_path"] = info["path"]
         cfg = text_encoder_config(base, spec.text, f"models.{name}")

@@ -32,7 +32,6 @@ from llm2clip import distributed as D
 from llm2clip.config import ConfigError, atomic_write_text, save_config
 from llm2clip.data import sidecar as S
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
-from llm2clip.schema import TEMPLATES
 from llm2clip.schema_embed import EmbedConfig, field_name
 from llm2clip.text.batching import EncodeStats
 from llm2clip.text.feature_cache import FileHashCache, encoder_location, fingerprint_of, fingerprint_record
@@ -102,22 +101,9 @@ def assign_lpt(weights: list[int], world: int) -> list[list[int]]:
 
 def check_export_settings(cfg: EmbedConfig) -> None:
     """A stage-1 export records how it was trained; embedding it another way is a silent bug."""
-    t = cfg.text
-    candidates = [Path(t.model_path) / "llm2clip_text.json"]
-    if t.lora_path:  # base + adapter from a stage-1 export: <run>/export/{adapter,merged}
-        candidates += [Path(t.lora_path) / "llm2clip_text.json", Path(t.lora_path).parent / "merged" / "llm2clip_text.json"]
-    info_path = next((p for p in candidates if p.is_file()), None)
-    if info_path is None:
-        return
-    info = json.loads(info_path.read_text())
-    for key, mine, theirs in (("pooling", t.pooling, info.get("pooling")), ("attention", t.attention, info.get("attention")),
-                              ("template", TEMPLATES.get(t.template, t.template),
-                               TEMPLATES.get(info.get("template", ""), info.get("template")))):
-        if theirs is not None and mine != theirs:
-            raise ConfigError(f"text.{key}={mine!r} but {info_path} was trained with {key}={theirs!r}; "
-                              f"set text.{key} to match")
-    if info.get("max_length") and info["max_length"] != t.max_length:
-        log.info(f"note: text.max_length={t.max_length} (stage 1 trained with {info['max_length']})")
+    from llm2clip.text.settings import check_against_export
+
+    check_against_export(cfg.text)
 
 
 def _status(job: ShardJob, fp: str, names: list[str], dtype: str, overwrite: bool,

@@ -17,7 +17,8 @@ from llm2clip.engine import build_ds_config, ensure_deepspeed_comm, read_ds_json
 from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
 from llm2clip.text.encoder import TextEncoder, build_text_encoder, default_lora_targets, load_backbone
-from llm2clip.text.tokenize import PromptTokenizer, TextBatch
+from llm2clip.text.embedder import TextEmbedder
+from llm2clip.text.tokenize import check_captions
 
 log = logging.getLogger("llm2clip")
 
@@ -25,31 +26,6 @@ log = logging.getLogger("llm2clip")
 def zero_stage(cfg: Stage1Config) -> int:
     ds = read_ds_json(cfg.train.deepspeed_config)
     return cfg.train.zero_stage if cfg.train.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)
-
-
-@torch.no_grad()
-def encode_texts(model: nn.Module, ptok: PromptTokenizer, texts: list[str], instruction: str = "",
-                 batch_size: int = 64, sharded: bool = True) -> torch.Tensor:
-    """Embed texts [N] -> [N, H] float32, the work split over ranks and gathered back in order.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
-    """
-    world, rank = (D.get_world_size(), D.get_rank()) if sharded else (1, 0)
-    per = -(-len(texts) // world)
-    mine = texts[rank * per:(rank + 1) * per]
-    n_batches = -(-per // batch_size) if per else 0
-    device = next(model.parameters()).device
-    outs = []
-    for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size] or ["."]  # keep collectives in lockstep
-        batch = ptok(chunk, instruction).to(device)
-        e = model(batch.input_ids, batch.attention_mask, batch.embed_mask).float()
-        outs.append(e[: len(mine[b * batch_size:(b + 1) * batch_size])])
-    H = model.hidden_size if hasattr(model, "hidden_size") else outs[0].shape[1]
-    local = torch.cat(outs, 0) if outs else torch.zeros(0, H, device=device)
-    if not sharded or world == 1:
-        return local.cpu()
-    return D.gather_no_grad(local).cpu()
 
 
 class Stage1Task:
@@ -63,6 +39,7 @@ class Stage1Task:
         self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
         self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
             if cfg.data.val_path else None
+        self.empty_skipped = 0  # examples left out for an empty caption (text.empty_captions=skip)
 
     # --- model ---------------------------------------------------------------------------------
     def module(self) -> nn.Module:
@@ -97,6 +74,10 @@ class Stage1Task:
             if cfg.lora.enabled:
                 backbone.enable_input_require_grads()
         self.encoder = TextEncoder(backbone, cfg.text.pooling)
+        bs = cfg.train.micro_batch_size * 2
+        # training batches (packed) and CRA evaluation (sharded, ranks in lockstep for ZeRO-3)
+        self.embedder = TextEmbedder(cfg.text, token_budget=bs * cfg.text.max_length, max_batch_size=bs,
+                                     encoder=self.encoder, ptok=self.ptok, lockstep=True)
         return self.encoder
 
     def param_groups(self, module: nn.Module) -> list[dict]:
@@ -117,13 +98,15 @@ class Stage1Task:
     # --- step ----------------------------------------------------------------------------------
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
         examples, use_neg = batch
+        examples = self._non_empty(examples, use_neg)
         d = self.cfg.data
         n = len(examples)
         docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
         texts = [e.query for e in examples] + docs
         instr = [d.query_instruction] * n + [d.doc_instruction] * len(docs)
-        tb: TextBatch = self.ptok(texts, instr).to(engine.device)
-        emb = engine(tb.input_ids, tb.attention_mask, tb.embed_mask)
+        tb, inverse = self.embedder.train_batch(texts, instr)  # packed rows: no pad tokens to speak of
+        tb = tb.to(engine.device)
+        emb = engine(tb.input_ids, tb.attention_mask, tb.embed_mask, tb.seg_ids)[inverse.to(engine.device)]
         q, p = emb[:n], emb[n:2 * n]
         neg = emb[2 * n:] if use_neg else None
         ids = {}
@@ -134,8 +117,24 @@ class Stage1Task:
         m["n_items"] = n
         return loss, m, tb.n_tokens
 
+    def _non_empty(self, examples: list, use_neg: bool) -> list:
+        """Examples whose captions are all non-empty; an empty one raises naming it, or (text.empty_captions
+        =skip) its example is left out and counted."""
+        texts = [t for e in examples for t in (e.query, e.positive, e.negative if use_neg else "x")]
+        labels = [f"example {i} {k} {t!r}" for i, e in enumerate(examples)
+                  for k, t in (("query", e.query), ("positive", e.positive), ("negative", e.negative))]
+        keep = check_captions(texts, labels, self.cfg.text.empty_captions, "stage-1 batch")
+        if len(keep) == len(texts):
+            return examples
+        kept = set(keep)
+        ok = [i for i in range(len(examples)) if all(3 * i + j in kept for j in range(3))]
+        self.empty_skipped += len(examples) - len(ok)
+        if not ok:
+            raise ValueError("stage 1: every example of a micro-batch has an empty caption; check the data")
+        return [examples[i] for i in ok]
+
     def counters(self) -> dict[str, float]:  # the engine sums these over ranks per log step
-        return {"data/skipped_samples": float(self.stream.skipped)}
+        return {"data/skipped_samples": float(self.stream.skipped), "data/empty_captions": float(self.empty_skipped)}
 
     def after_optimizer_step(self, module: nn.Module) -> None:
         pass
@@ -149,9 +148,8 @@ class Stage1Task:
         _, c1, c2 = self.val
         was_training = engine.module.training
         engine.module.eval()
-        bs = self.cfg.train.micro_batch_size * 2
-        e1 = encode_texts(engine.module, self.ptok, c1, "", bs)
-        e2 = encode_texts(engine.module, self.ptok, c2, "", bs)
+        e1 = self.embedder.embed(c1, "", sharded=True, desc="CRA captions 1")
+        e2 = self.embedder.embed(c2, "", sharded=True, desc="CRA captions 2")
         engine.module.train(was_training)
         r = caption_retrieval_accuracy(e1, e2, c1, c2)
         return {f"eval/{k}": float(v) for k, v in r.items()}
@@ -207,12 +205,15 @@ class Stage1Task:
         merged.config.is_causal = cfg.text.attention == "causal"
         merged.save_pretrained(str(tmp / "merged"))
         tok.save_pretrained(str(tmp / "merged"))
+        from llm2clip.text.settings import RECORD_FILE, encoder_settings
+
         info = {"base_model": str(Path(cfg.text.model_path).resolve()), "lora": cfg.lora.enabled,
-                "pooling": cfg.text.pooling, "attention": cfg.text.attention, "template": cfg.text.template,
-                "query_instruction": cfg.data.query_instruction, "max_length": cfg.text.max_length,
+                **encoder_settings(cfg.text), "query_instruction": cfg.data.query_instruction,
                 "padding_side": cfg.text.padding_side, "hidden_size": int(merged.config.hidden_size)}
-        atomic_write_text(tmp / "merged" / "llm2clip_text.json", json.dumps(info, indent=1))
+        atomic_write_text(tmp / "merged" / RECORD_FILE, json.dumps(info, indent=1))
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
-    return run_training(cfg, Stage1Task)
+    from llm2clip.preflight import check_training_paths
+
+    return run_training(cfg, Stage1Task, preflight=check_training_paths)

@@ -78,6 +78,8 @@ class TextEmbedder:
         self.cfg, self.token_budget, self.max_batch_size = cfg, token_budget, max_batch_size
         self._device = torch.device(device) if device is not None else None
         self._enc, self._ptok, self._loader = encoder, ptok, loader
+        self._owned = encoder is None  # loaded here (so release() may drop it)
+        self.cache_hits = self.cache_misses = 0
         self.lockstep, self.progress = lockstep, progress
         self._packing: bool | None = None
         self._caches: dict[tuple[str, str], Any] = {}
@@ -127,7 +129,7 @@ class TextEmbedder:
 
     def release(self) -> None:
         """Drop the loaded model (when it was loaded here), keeping the tokenizer."""
-        if self._loader is not None or self._enc is None:
+        if not self._owned or self._enc is None:
             return
         self._enc = None
         if self.device.type == "cuda":
@@ -249,6 +251,8 @@ class TextEmbedder:
             fingerprint = D.broadcast_object(encoder_fingerprint(self.cfg, instruction) if D.get_rank() == 0 else None)
         cache = self._cache(cache_dir, fingerprint)
         missing = list(dict.fromkeys(t for t, r in zip(texts, cache.lookup(texts)) if r is None))
+        self.cache_misses += len(missing)
+        self.cache_hits += len(texts) - len(missing)
         if missing:
             cache.add(missing, self.embed(missing, instruction, sharded=True, desc=desc).numpy())
             if D.get_rank() == 0:

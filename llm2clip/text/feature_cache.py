@@ -105,6 +105,8 @@ def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
     if not weights:
         raise FileNotFoundError(f"no weight files (*.safetensors / *.bin) in text.model_path={model}")
     tok = Path(cfg.tokenizer_path or cfg.model_path)
+    from llm2clip.text.settings import resolved_special_tokens
+
     rec: dict[str, Any] = {
         "version": 1,
         "model": {"config": _canonical_json_sha(model / "config.json"),
@@ -113,7 +115,7 @@ def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
         "lora": None,
         "pooling": cfg.pooling, "attention": cfg.attention, "template": TEMPLATES.get(cfg.template, cfg.template),
         # which tokens are averaged: changing it changes every embedding, so old sidecars are refused
-        "pool_tokens": {"scope": cfg.pool_scope, "special": _pool_special(cfg)},
+        "pool_scope": cfg.pool_scope, "pool_special_tokens": resolved_special_tokens(cfg),
         "instruction": instruction, "max_length": cfg.max_length,
     }
     if cfg.lora_path:
@@ -123,12 +125,6 @@ def fingerprint_record(cfg: TextEncoderConfig, instruction: str = "",
         rec["lora"] = {"config": _canonical_json_sha(lora / "adapter_config.json"),
                        "weights": {p.name: hashes.sha256(p) for p in _weight_files(lora)}}
     return rec
-
-
-def _pool_special(cfg: TextEncoderConfig) -> bool:
-    from llm2clip.text.encoder import ENCODER_ONLY, model_type, pool_special_tokens
-
-    return pool_special_tokens(cfg, model_type(cfg.model_path) in ENCODER_ONLY)
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
