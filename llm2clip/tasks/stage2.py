@@ -95,17 +95,15 @@ class Stage2Task:
         self.cfg = cfg
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.online = cfg.text.mode == "online"
-        self.text_encoder = None
+        self.embedder = None
         if self.online:
-            from llm2clip.text.encoder import build_text_encoder
+            from llm2clip.text.embedder import TextEmbedder
             from llm2clip.text.feature_cache import encoder_location, fingerprint_of, fingerprint_record
 
-            enc, self.ptok = build_text_encoder(cfg.text.encoder, dtype=torch.float32)
-            # moved to its device once, here, not on every step
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            self.text_encoder = enc.eval().requires_grad_(False).to(device)
+            # the embed step's embedder (dtype policy: bf16 on GPU, fp32 on CPU), loaded and placed once
+            self.embedder = TextEmbedder(cfg.text.encoder)
             record = fingerprint_record(cfg.text.encoder, "")  # what the embed step would record for this encoder
-            self.sidecar_info = {"fingerprint": fingerprint_of(record), "width": enc.hidden_size,
+            self.sidecar_info = {"fingerprint": fingerprint_of(record), "width": self.embedder.hidden_size,
                                  "encoder": {**record, **encoder_location(cfg.text.encoder)}}
         else:
             self.sidecar_info = preflight_sidecars(cfg)
@@ -186,8 +184,7 @@ class Stage2Task:
     def _text_emb(self, batch, device) -> torch.Tensor:
         if not self.online:
             return batch["emb"].to(device)
-        with torch.no_grad():
-            return self.text_encoder.encode(self.ptok(batch["captions"]).to(device)).float()
+        return self.embedder.embed(batch["captions"], desc="stage-2 online captions").to(device)
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
         device = engine.device
@@ -231,11 +228,8 @@ class Stage2Task:
                     break
             if len(px) >= c.data.val_max_samples:
                 break
-        if self.online:  # captions -> embeddings with the frozen encoder (length-bucketed batches)
-            from llm2clip.text.feature_cache import encode_texts
-
-            dev = next(self.text_encoder.parameters()).device
-            return torch.stack(px), encode_texts(self.text_encoder, self.ptok, embs, device=dev)[0]
+        if self.online:  # captions -> embeddings with the frozen encoder, as in training
+            return torch.stack(px), self.embedder.embed(embs, desc="stage-2 val captions")
         return torch.stack(px), torch.as_tensor(np.stack(embs), dtype=torch.float32)
 
     def evaluate(self, engine, step: int) -> dict[str, float]:
