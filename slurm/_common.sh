@@ -209,6 +209,8 @@ l2c_run_srun() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     # Stale torchrun variables from the submitting shell must not override SLURM_PROCID.
     unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
+    # Tasks per node, as torchrun would set it (only when Slurm says it is the same on every node).
+    [[ -n ${SLURM_NTASKS_PER_NODE:-} && $tpn =~ ^[0-9]+$ ]] && export LOCAL_WORLD_SIZE=$tpn
 
     # --kill-on-bad-exit=0: a rank exiting 42 must not get its peers SIGKILLed while they save.
     local -a srun_cmd=(srun --kill-on-bad-exit=0)
@@ -219,9 +221,14 @@ l2c_run_srun() {
         read -r -a extra <<<"$LLM2CLIP_SRUN_ARGS"
         srun_cmd+=("${extra[@]}")
     fi
-    # Each task mirrors its Slurm ids into the torchrun variables, then execs python directly.
+    # Each task mirrors its Slurm ids into the torchrun variables, logs where it runs and what
+    # MASTER_ADDR resolves to *on its node* (the usual multi-node failure: a name that resolves
+    # differently, or not at all, on the other nodes), then execs python directly.
     # shellcheck disable=SC2016
-    srun_cmd+=(bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS NODE_RANK=$SLURM_NODEID; exec "$@"' llm2clip-task "$@")
+    srun_cmd+=(bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS NODE_RANK=$SLURM_NODEID
+a=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | head -n1); a=${a%% *}
+printf "[llm2clip task] rank=%s local_rank=%s node_rank=%s host=%s master=%s(%s):%s\n" "$RANK" "$LOCAL_RANK" "$NODE_RANK" "$(uname -n)" "$MASTER_ADDR" "${a:-unresolved}" "$MASTER_PORT" >&2
+exec "$@"' llm2clip-task "$@")
 
     if [[ $dry_run == 1 ]]; then
         echo "launcher=srun job=$SLURM_JOB_ID nodes=$nnodes tasks_per_node=$tpn world_size=$ntasks master_addr=$MASTER_ADDR master_port=$MASTER_PORT"

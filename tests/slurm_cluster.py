@@ -1,4 +1,11 @@
-"""A real, single-node Slurm cluster for tests: munged + slurmctld + slurmd started by hand.
+"""A real Slurm cluster for tests: munged + slurmctld + one slurmd per node, started by hand.
+
+``nodes=1`` (default): one slurmd for this host. ``nodes=N`` (N >= 2): N slurmd daemons named node1..nodeN,
+each in its own network, UTS and mount namespace with its own address on a private bridge
+(tests/slurm_netns.py), so that jobs really span "machines": different hostnames and addresses,
+rendezvous over the bridge. Debian's slurm-wlm is built without --enable-multiple-slurmd (slurmctld
+rejects two nodes with one NodeHostname: "Duplicated NodeHostName"), so namespaces are the only way
+to get more than one node on one machine with this build.
 
 Used by ``tests/test_slurm_launch.py`` and by ``tools/slurm_local.py``. Everything lives under
 one directory (config, logs, state); only the unix sockets (munge, slurmd spool) go to a short
@@ -10,7 +17,7 @@ and talks to its own munged over its own socket.
 Usage::
 
     from tests.slurm_cluster import LocalSlurm
-    cluster = LocalSlurm(tmp_dir)
+    cluster = LocalSlurm(tmp_dir)            # or LocalSlurm(tmp_dir, nodes=2)
     cluster.start()
     try:
         job = cluster.sbatch(["slurm/stage1.sh", "cfg.yaml"], env={...})
@@ -18,7 +25,7 @@ Usage::
     finally:
         cluster.stop()
 
-or the session fixture ``slurm`` defined at the bottom of this file.
+or the session fixtures ``slurm`` (one node) and ``slurm_multinode`` defined at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    from tests.slurm_netns import NodeNetwork, probe as _probe_netns
+except ImportError:  # imported as a plain module (tools/slurm_local.py puts tests/ on the path)
+    from slurm_netns import NodeNetwork, probe as _probe_netns  # type: ignore[no-redef]
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
 
@@ -70,13 +82,17 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=path)
 
 
-def missing_requirements() -> list[str]:
-    """What prevents a local cluster on this machine; empty when it can be started."""
+def missing_requirements(nodes: int = 1) -> list[str]:
+    """What prevents a local cluster of ``nodes`` nodes on this machine; empty when it can be started."""
     missing = [b for b in (*SLURM_BINARIES, "munged") if _which(b) is None]
     if missing:
         return [f"binaries not found: {', '.join(missing)} (Debian/Ubuntu: apt-get install slurm-wlm)"]
     if os.geteuid() != 0:
         return ["slurmd must run as root to launch jobs; run the Slurm tests as root (e.g. in CI)"]
+    if nodes > 1:
+        why = _probe_netns()
+        if why:
+            return [f"a {nodes}-node cluster needs network namespaces: {why}"]
     return []
 
 
@@ -120,8 +136,11 @@ class LocalSlurm:
     """
 
     def __init__(self, root_dir: str | os.PathLike, cpus: int | None = None, real_memory_mb: int = 4096,
-                 cred_expire_s: int = 5, die_with_parent: bool = True):
+                 cred_expire_s: int = 5, die_with_parent: bool = True, nodes: int = 1):
+        if nodes < 1:
+            raise ValueError(f"nodes={nodes}: need at least 1")
         self.root = Path(root_dir).resolve()
+        self.nodes = nodes
         # Daemons get SIGTERM when this process dies (even by SIGKILL), so a killed pytest leaves
         # nothing behind. tools/slurm_local.py turns it off: there the CLI exits, the cluster stays.
         self.die_with_parent = die_with_parent
@@ -130,6 +149,9 @@ class LocalSlurm:
         # How long a requeued job waits before it may start again (Slurm default: 120 s).
         self.cred_expire_s = cred_expire_s
         self.hostname = socket.gethostname().split(".")[0]
+        # One node: this host under its own name. Several: node1..nodeN, each in its namespaces.
+        self.node_names = [self.hostname] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.net: NodeNetwork | None = None
         self.conf_path = self.root / "slurm.conf"
         self.log_dir = self.root / "log"
         self.state_path = self.root / "cluster.json"
@@ -141,13 +163,22 @@ class LocalSlurm:
     @classmethod
     def attach(cls, root_dir: str | os.PathLike) -> "LocalSlurm":
         """The cluster started earlier (by another process) under ``root_dir``, from cluster.json."""
-        self = cls(root_dir)
-        info = json.loads(self.state_path.read_text())
+        info = json.loads(Path(root_dir, "cluster.json").read_text())
+        self = cls(root_dir, nodes=info.get("nodes", 1))
+        if info.get("net"):
+            self.net = NodeNetwork.from_dict(info["net"])
         self._pids = {k: int(v) for k, v in info["pids"].items()}
         self._sock_dir = Path(info["sock_dir"]) if info.get("sock_dir") else None
         self.hostname = info.get("host", self.hostname)
+        self.node_names = info.get("node_names", self.node_names)
         self.cpus = info.get("cpus", self.cpus)
         return self
+
+    def node_addr(self, node: str) -> str:
+        """The address of a node (its namespace's eth0; 127.0.0.1 for a one-node cluster)."""
+        if self.net is None:
+            return "127.0.0.1"
+        return self.net.addr(self.node_names.index(node))
 
     # ------------------------------------------------------------------ environment
     @property
@@ -177,17 +208,30 @@ class LocalSlurm:
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 60) -> "LocalSlurm":
         """Write the configs, start munged, slurmctld and slurmd, wait until the node is idle."""
-        problems = missing_requirements()
+        problems = missing_requirements(self.nodes)
         if problems:
             raise SlurmUnavailable("; ".join(problems))
         try:
+            if self.nodes > 1:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.net = NodeNetwork(self.node_names, self.hostname, self.root / "hosts")
+                self.net.create()
+                # Written now: a stop() from another process must find the network even if start fails.
+                self.state_path.write_text(json.dumps(self.describe(), indent=1))
             self._write_configs()
             self._start_munge(timeout)
             self._start_daemon("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf_path)])
             self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0, timeout,
                            "slurmctld to answer `scontrol ping`")
-            self._start_daemon("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", self.hostname])
-            self._wait_for(self._node_idle, timeout, f"node {self.hostname} to be idle in sinfo")
+            if self.net is None:
+                self._start_daemon("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", self.hostname])
+            else:
+                for i, node in enumerate(self.node_names):
+                    argv = [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", node]
+                    self._start_daemon(f"slurmd@{node}", self.net.wrap(i, argv),
+                                       log_path=self.log_dir / f"slurmd-{node}.out")
+                    self._logs[f"slurmd@{node}"] = self.log_dir / f"slurmd-{node}.log"
+            self._wait_for(self._node_idle, timeout, f"node(s) {','.join(self.node_names)} to be idle in sinfo")
             self.state_path.write_text(json.dumps(self.describe(), indent=1))
         except BaseException:
             self.stop()
@@ -209,7 +253,8 @@ class LocalSlurm:
                     time.sleep(0.5)
             except (subprocess.SubprocessError, OSError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = sorted(n for n in self._pids if n.startswith("slurmd"))
+        for name in (*slurmds, "slurmctld", "munged"):
             if self._alive(name):
                 self._signal(name, signal.SIGTERM)
                 if not self._wait_dead(name, 15):
@@ -220,6 +265,8 @@ class LocalSlurm:
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
+        if self.net is not None:  # after the daemons: a namespace is freed once its last process is gone
+            self.net.destroy()
         self.state_path.unlink(missing_ok=True)
 
     def _alive(self, name: str) -> bool:
@@ -236,7 +283,8 @@ class LocalSlurm:
             return False
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             return False
-        return name in cmdline and (str(self.conf_path) in cmdline or str(self._sock_dir) in cmdline)
+        binary = name.split("@")[0]  # "slurmd@node2" -> slurmd
+        return binary in cmdline and (str(self.conf_path) in cmdline or str(self._sock_dir) in cmdline)
 
     def _signal(self, name: str, sig: int) -> None:
         try:
@@ -328,16 +376,23 @@ class LocalSlurm:
             (self.root / sub).mkdir(exist_ok=True)
         self._sock_dir = Path(tempfile.mkdtemp(prefix="l2c-slurm-", dir="/tmp"))
         os.chmod(self._sock_dir, 0o755)
-        (self._sock_dir / "spool").mkdir()
+        for node in self.node_names if self.net is not None else [""]:
+            (self._sock_dir / (f"spool-{node}" if node else "spool")).mkdir()
         ctld_port, slurmd_port = _free_port(), _free_port()
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
         munge_socket = self._sock_dir / "munge" / "munge.socket"
         user = pwd.getpwuid(os.geteuid()).pw_name
+        # Several slurmd share this file system: per-node spool, pid and log paths (%n = node name).
+        per_node = "" if self.net is None else "-%n"
+        ctld_addr = "127.0.0.1" if self.net is None else self.net.controller_addr
+        node_lines = "\n".join(
+            f"NodeName={n} NodeAddr={self.node_addr(n)} CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN"
+            for n in self.node_names)
         conf = f"""\
-# Written by tests/slurm_cluster.py: a throw-away single-node cluster.
+# Written by tests/slurm_cluster.py: a throw-away {self.nodes}-node cluster.
 ClusterName=llm2clip-local
-SlurmctldHost={self.hostname}(127.0.0.1)
+SlurmctldHost={self.hostname}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser={user}
@@ -352,11 +407,11 @@ TaskPlugin=task/none
 SwitchType=switch/none
 ReturnToService=2
 SlurmctldPidFile={self.root}/run/slurmctld.pid
-SlurmdPidFile={self.root}/run/slurmd.pid
+SlurmdPidFile={self.root}/run/slurmd{per_node}.pid
 StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self._sock_dir}/spool
+SlurmdSpoolDir={self._sock_dir}/spool{per_node}
 SlurmctldLogFile={self.log_dir}/slurmctld.log
-SlurmdLogFile={self.log_dir}/slurmd.log
+SlurmdLogFile={self.log_dir}/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SchedulerType=sched/backfill
@@ -371,7 +426,7 @@ SlurmdParameters=config_overrides
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0
-NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         self.conf_path.write_text(conf)
@@ -449,7 +504,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def describe(self) -> dict:
         return {"conf": str(self.conf_path), "root": str(self.root), "pids": self.pids(),
                 "sock_dir": str(self._sock_dir) if self._sock_dir else None,
-                "host": self.hostname, "cpus": self.cpus}
+                "host": self.hostname, "cpus": self.cpus, "nodes": self.nodes, "node_names": self.node_names,
+                "net": self.net.to_dict() if self.net else None}
 
 
 # ---------------------------------------------------------------------- pytest fixture
@@ -460,13 +516,15 @@ except ImportError:  # tools/slurm_local.py imports this module without pytest i
 
 if pytest is not None:
 
-    def require_slurm() -> None:
+    def require_slurm(nodes: int = 1) -> None:
         """Skip the calling test when a local cluster cannot run here; fail instead when CI=true."""
-        problems = missing_requirements()
+        problems = missing_requirements(nodes)
         if problems:
             msg = "real Slurm not available: " + "; ".join(problems)
             if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(msg + " (CI must install slurm-wlm and run the tests as root)", pytrace=False)
+                ci = " and allow network namespaces (docker: --privileged or --cap-add NET_ADMIN,SYS_ADMIN)" \
+                    if nodes > 1 else ""
+                pytest.fail(msg + f" (CI must install slurm-wlm and run the tests as root{ci})", pytrace=False)
             pytest.skip(msg)
 
     @pytest.fixture(scope="session")
@@ -483,9 +541,26 @@ if pytest is not None:
         finally:
             cluster.stop()
 
+    # Three nodes, though the jobs take two: a requeued job can then come back on another node set.
+    MULTINODE_NODES = 3
 
-if __name__ == "__main__":  # python tests/slurm_cluster.py DIR: start, print, wait for Ctrl-C
-    c = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="l2c-slurm-"))
+    @pytest.fixture(scope="session")
+    def slurm_multinode(tmp_path_factory):
+        """A running LocalSlurm of MULTINODE_NODES namespaced nodes (node1..), stopped and its namespaces
+        removed at the end even after failures. Skipped without slurm-wlm, root or network namespaces
+        (failed when CI=true)."""
+        require_slurm(MULTINODE_NODES)
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm_multinode"), nodes=MULTINODE_NODES)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":  # python tests/slurm_cluster.py DIR [NODES]: start, print, wait for Ctrl-C
+    c = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="l2c-slurm-"),
+                   nodes=int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     c.start()
     print(json.dumps(c.describe()), flush=True)

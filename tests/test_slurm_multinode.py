@@ -1,0 +1,196 @@
+"""The launchers across nodes, on a real multi-node Slurm: each node a network namespace with its own
+hostname and address (tests/slurm_cluster.py, fixture ``slurm_multinode``: node1..node3 on a private
+bridge). Every job takes two nodes, one CPU task per node, so every collective crosses "machines".
+
+- stage 1 over 2 nodes: world size 2, rank 0 on the first node of the allocation and MASTER_ADDR its
+  address, rank 1 on the other node; losses equal to a single-machine 2-process torchrun run;
+- embed over 2 nodes: sidecars byte-identical to a 1-process embed;
+- stage 2 over 2 nodes, preempted with ``scancel --signal=USR1``: requeued, back on *other* nodes
+  (the first node is drained meanwhile, so rank 0 and MASTER_ADDR move), resumed, and finished with
+  the losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, read_metrics, run_cmd, torchrun
+from tests.test_slurm_pipeline import job_env as _pipeline_job_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ALLOC = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+# Logged by slurm/_common.sh: the batch shell once per run, each task once per run.
+BATCH_LINE = re.compile(r"job=(\d+) restart=(\d+) nodes=(\d+) \(([^)]*)\) world_size=(\d+) master=([^:\s]+):(\d+)")
+TASK_LINE = re.compile(r"\[llm2clip task\] rank=(\d+) local_rank=(\d+) node_rank=(\d+) host=(\S+) "
+                       r"master=([^(]+)\(([^)]*)\):(\d+)")
+
+
+def job_env() -> dict[str, str]:
+    # The same environment tests.helpers.run_cmd gives the single-machine reference runs.
+    return {**_pipeline_job_env(Path(".")), "DS_ACCELERATOR": "cpu", "LLM2CLIP_HASH_CACHE": "off"}
+
+
+class Jobs:
+    """sbatch with the 2-node allocation, logs under ``tmp/logs``."""
+
+    def __init__(self, cluster, tmp: Path):
+        self.cluster, self.tmp = cluster, tmp
+        (tmp / "logs").mkdir(exist_ok=True)
+
+    def submit(self, script: str, *args: str) -> int:
+        opts = [*ALLOC, f"--output={self.tmp}/logs/%x-%j.out"]
+        return self.cluster.sbatch([*opts, str(ROOT / "slurm" / script), *args], env=job_env(), cwd=self.tmp)
+
+    def log(self, job: int) -> str:
+        return "\n".join(p.read_text() for p in (self.tmp / "logs").glob(f"*-{job}.out"))
+
+    def finish(self, job: int, timeout: float = 300) -> str:
+        state = self.cluster.wait(job, timeout=timeout)
+        assert state == "COMPLETED", (job, state, self.cluster.job_info(job), self.log(job)[-6000:])
+        return self.log(job)
+
+
+def runs_of(log: str) -> list[dict]:
+    """Per run (restart) of a job: its node list and master from the batch line, its tasks' lines."""
+    runs: list[dict] = []
+    for line in log.splitlines():
+        if m := BATCH_LINE.search(line):
+            runs.append({"restart": int(m[2]), "nodes": m[4].split(), "world": int(m[5]), "master": m[6],
+                         "port": m[7], "tasks": {}})
+        elif (m := TASK_LINE.search(line)) and runs:
+            runs[-1]["tasks"][int(m[1])] = {"node_rank": int(m[3]), "host": m[4], "master": m[5],
+                                            "master_ip": m[6], "port": m[7]}
+    return runs
+
+
+def assert_spans_two_nodes(cluster, run: dict) -> None:
+    """Rank 0 on the first node of the allocation, rank 1 on the second; every task found
+    MASTER_ADDR = first node, resolving to that node's own address."""
+    first, second = run["nodes"]
+    assert run["world"] == 2 and run["master"] == first, run
+    assert sorted(run["tasks"]) == [0, 1], run
+    assert run["tasks"][0]["host"] == first and run["tasks"][1]["host"] == second != first, run
+    for t in run["tasks"].values():
+        assert (t["master"], t["master_ip"], t["port"]) == (first, cluster.node_addr(first), run["port"]), run
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def assert_same_losses(got: dict[int, float], ref: dict[int, float], steps: int) -> None:
+    assert sorted(got) == sorted(ref) == list(range(1, steps + 1)), (sorted(got), sorted(ref))
+    worst = max(abs(got[s] - ref[s]) for s in ref)
+    assert worst < 1e-5, {s: (got[s], ref[s]) for s in ref}
+
+
+# ---------------------------------------------------------------------------------------- stage 1
+def stage1_args(w, out: Path, steps: int) -> list[str]:
+    return [str(ROOT / "configs/tiny/stage1.yaml"),
+            "--set", f"run.output_dir={out}", "--set", f"text.model_path={w['llama']}",
+            "--set", f"data.sources=[{{path: '{w['data']}/train/shard-*.tar'}}]",
+            "--set", f"data.val_path={w['data']}/val/shard-*.tar", "--set", f"train.max_steps={steps}",
+            "--set", "train.micro_batch_size=32", "--set", "train.eval_every=-1", "--set", "train.save_every=1000",
+            "--set", "run.log_every=1", "--set", "run.progress_bar=false"]
+
+
+def test_stage1_two_nodes_equals_one_machine(slurm_multinode, tiny_world, tmp_path):
+    steps = 6
+    jobs = Jobs(slurm_multinode, tmp_path)
+    job = jobs.submit("stage1.sh", *stage1_args(tiny_world, tmp_path / "two_nodes", steps))
+    ref = tmp_path / "one_machine"  # meanwhile: the same config, 2 processes under torchrun here
+    cfg, *sets = stage1_args(tiny_world, ref, steps)
+    torchrun(str(ROOT / "tools/train_stage1.py"), ["--config", cfg, *sets], nproc=2, timeout=300)
+    log = jobs.finish(job)
+    (run,) = runs_of(log)
+    assert_spans_two_nodes(slurm_multinode, run)
+    assert "srun exited with code 0" in log
+    assert_same_losses(losses(tmp_path / "two_nodes"), losses(ref), steps)
+
+
+# ---------------------------------------------------------------------------------------- embed
+def embed_args(w, out: Path) -> list[str]:
+    return ["--set", f"text.model_path={w['llama']}",
+            "--set", f"data.shards={w['data']}/train/shard-*.tar::{w['data']}/val/shard-*.tar",
+            "--set", f"output.out_dir={out}", "--set", f"output.image_root={w['data']}",
+            "--set", "output.dtype=float32", "--set", "run.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def embedded_two_nodes(slurm_multinode, tiny_world, tmp_path_factory):
+    """Sidecars written by a 2-node embed job and by one plain process: (two_nodes_dir, one_dir, log)."""
+    tmp = tmp_path_factory.mktemp("embed_multinode")
+    jobs = Jobs(slurm_multinode, tmp)
+    job = jobs.submit("embed.sh", str(ROOT / "configs/tiny/embed.yaml"), *embed_args(tiny_world, tmp / "two"))
+    run_cmd([sys.executable, str(ROOT / "tools/embed_captions.py"), "--config", str(ROOT / "configs/tiny/embed.yaml"),
+             *embed_args(tiny_world, tmp / "one")], timeout=300)
+    return tmp / "two", tmp / "one", jobs.finish(job)
+
+
+def test_embed_two_nodes_byte_identical(slurm_multinode, embedded_two_nodes):
+    two, one, log = embedded_two_nodes
+    (run,) = runs_of(log)
+    assert_spans_two_nodes(slurm_multinode, run)
+    summary = json.loads((two / "embed_summary.json").read_text())
+    assert summary["world_size"] == 2 and not summary["errors"], summary
+    assert all(t > 0 for t in summary["encode_seconds_per_rank"]), "both nodes must get work"
+    # Sidecars, manifests and indexes are the same, byte for byte; only the run records differ
+    # (the config holds the output path, the summary timings and the world size).
+    records = ("embed_summary.json", "embed_config.yaml")
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name not in records)
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.name not in records)
+    assert sum(p.suffix == ".tar" for p in files) == 5, files
+    for rel in files:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+
+
+# ---------------------------------------------------------------------------------------- stage 2
+def stage2_args(w, emb: Path, out: Path, steps: int) -> list[str]:
+    return [str(ROOT / "configs/tiny/stage2.yaml"),
+            "--set", f"run.output_dir={out}", "--set", f"vision.path={w['clip']}",
+            "--set", f"data.shards={w['data']}/train/shard-*.tar", "--set", f"data.sidecar.out_dir={emb}",
+            "--set", f"data.sidecar.image_root={w['data']}", "--set", f"data.val_shards={w['data']}/val/shard-*.tar",
+            "--set", "data.num_workers=1", "--set", "train.micro_batch_size=32", "--set", f"train.max_steps={steps}",
+            "--set", "train.eval_every=-1", "--set", "train.save_every=1000", "--set", "run.log_every=1",
+            "--set", "run.progress_bar=false"]
+
+
+def test_stage2_preempted_requeues_onto_other_nodes_and_resumes(slurm_multinode, tiny_world, embedded_two_nodes,
+                                                                 tmp_path):
+    steps, cluster = 16, slurm_multinode
+    emb = embedded_two_nodes[0]
+    jobs = Jobs(cluster, tmp_path)
+    out = tmp_path / "preempted"
+    job = jobs.submit("stage2.sh", *stage2_args(tiny_world, emb, out, steps))
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or not any(s >= 3 for s in losses(out)):
+        assert time.monotonic() < deadline, f"no progress\n{jobs.log(job)[-6000:]}"
+        assert cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), jobs.log(job)[-6000:]
+        time.sleep(0.3)
+    first_nodes = cluster.run(["squeue", "-h", "-j", str(job), "-o", "%N"]).stdout.strip()
+    first = cluster.run(["scontrol", "show", "hostnames", first_nodes]).stdout.split()[0]
+    # Drain the job's first node: the requeued job must come back elsewhere, with a new rank 0 and
+    # MASTER_ADDR (the running job is not disturbed by a drain).
+    cluster.run(["scontrol", "update", f"NodeName={first}", "State=DRAIN", "Reason=l2c-test"])
+    try:
+        cluster.scancel("--signal=USR1", str(job))
+        ref = tmp_path / "uninterrupted"  # meanwhile (the requeue hold): the reference run here
+        cfg, *sets = stage2_args(tiny_world, emb, ref, steps)
+        torchrun(str(ROOT / "tools/train_stage2.py"), ["--config", cfg, *sets], nproc=2, timeout=300)
+        log = jobs.finish(job, timeout=400)
+    finally:
+        cluster.run(["scontrol", "update", f"NodeName={first}", "State=RESUME"], check=False)
+    assert int(cluster.job_info(job)["Restarts"]) >= 1
+    runs = runs_of(log)
+    assert [r["restart"] for r in runs] == list(range(len(runs))) and len(runs) >= 2, runs
+    for r in runs:
+        assert_spans_two_nodes(cluster, r)
+    assert runs[0]["master"] == first and first not in runs[-1]["nodes"], runs
+    assert "resumed from" in log and "exiting 42" in log and ": requeueing job" in log
+    assert_same_losses(losses(out), losses(ref), steps)
