@@ -153,8 +153,8 @@ def test_eval_path_matches_direct_calls(world):
 
     ours = build_model("ours", EvalModelConfig(kind="llm2clip", path=str(world["ours"])), run)
     feats = ours.text_features(prompts)
-    enc = ours.llm.encoder()
-    batch = ours.llm.tokenizer()(prompts, "")
+    enc = ours.llm.embedder().encoder()
+    batch = ours.llm.embedder().tokenizer()(prompts, "")
     with torch.no_grad():
         manual = ours.model.encode_text_embedding(enc(batch.input_ids, batch.attention_mask, batch.embed_mask))
     torch.testing.assert_close(feats, manual, rtol=1e-4, atol=1e-5)
@@ -208,11 +208,11 @@ def test_text_cache_and_fingerprint(world, tmp_path):
     texts = ["a red circle", "a blue square on a white background", "a red circle"]
     first = build_model("ours", EvalModelConfig(kind="llm2clip", path=str(world["ours"])), run)
     a = first.text_features(texts)
-    assert first.llm.stats["encoded"] == 2 and first.llm._encoder is not None
+    assert first.llm.stats["encoded"] == 2 and first.llm.embedder()._enc is not None
     # the export without an encoder folder works from the cache alone; the LLM is never loaded
     second = build_model("ours", EvalModelConfig(kind="llm2clip", path=str(world["ours_nopath"])), run)
     assert torch.equal(second.text_features(texts), a)
-    assert second.llm.stats["from_cache"] == 2 and second.llm._encoder is None
+    assert second.llm.stats["from_cache"] == 2 and second.llm.embedder()._enc is None
     with pytest.raises(ConfigError, match=r"text.model_path"):  # a new text needs the encoder
         second.text_features(["a green star"])
     # another LLM than the one stage 2 trained on is refused, naming what differs
