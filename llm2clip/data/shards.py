@@ -8,6 +8,7 @@ with a warning naming it; they never kill the job.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -67,30 +68,94 @@ def split_key(member_name: str) -> tuple[str, str]:
 @dataclass
 class ReadStats:
     read_errors: list[str] = field(default_factory=list)
+    bytes_read: int = 0  # bytes actually read from the file (headers of skipped members included)
+    samples: int = 0  # samples yielded
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read_errors": len(self.read_errors)}
+        return {"read_errors": len(self.read_errors), "bytes_read": self.bytes_read, "samples": self.samples}
+
+
+class _CountingFile(io.RawIOBase):
+    """An unbuffered local file that counts the bytes read through it (each tar header is one 512-byte
+    read, skipped member data one seek)."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "rb", buffering=0)
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.bytes_read += n or 0
+        return n
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        return self.f.seek(off, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
-                     want: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield samples of one tar in order. `skip` samples are passed over without reading their data;
-    `want` limits which extensions are read (e.g. {"txt", "json"} to avoid reading images)."""
+                     want: set[str] | None = None, count: int | None = None,
+                     skip_keys: set[str] | None = None, skipped_keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield samples of one tar in order, each with its "__index__" in the shard.
+
+    `skip` samples are passed over and, after them, at most `count` yielded (then reading stops);
+    members whose key is in `skip_keys` are passed over too; the keys of the skipped samples are added
+    to `skipped_keys`. `want` limits which extensions are read (e.g. {"txt", "json"}). An uncompressed
+    local tar is read with seeks: the data of members passed over is never read (only their 512-byte
+    headers); a compressed one is read through. Bytes read and samples yielded go into `stats`."""
+    stats = stats if stats is not None else ReadStats()
     cur: dict[str, Any] | None = None
-    index = 0
+    index = yielded = 0
+    fh = _CountingFile(path) if path.endswith(".tar") else None
+    counted = 0
+
+    def account() -> None:
+        nonlocal counted
+        if fh is not None:
+            stats.bytes_read += fh.bytes_read - counted
+            counted = fh.bytes_read
+
+    def take(sample) -> bool:  # yield this finished sample?
+        if index < skip:
+            if skipped_keys is not None:
+                skipped_keys.add(sample["__key__"])
+            return False
+        return True
+
     try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
+        with (tarfile.open(fileobj=fh, mode="r:") if fh is not None else tarfile.open(path, "r|*")) as tf:
+            while (m := tf.next()) is not None:
+                tf.members.clear()  # tarfile keeps every header it has read; we need none of them
                 if not m.isfile():
                     continue
                 key, ext = split_key(m.name)
                 if key.startswith("_") or not ext:  # e.g. __index__ members
                     continue
+                if skip_keys is not None and key in skip_keys:
+                    continue
                 if cur is None or cur["__key__"] != key:
                     if cur is not None:
-                        if index >= skip:
+                        if take(cur):
+                            account()
+                            stats.samples += 1
                             yield cur
+                            yielded += 1
                         index += 1
+                    if count is not None and index >= skip and yielded >= count:
+                        cur = None
+                        break
                     cur = {"__key__": key, "__shard__": path, "__index__": index}
                 if index >= skip and (want is None or ext in want):
                     f = tf.extractfile(m)
@@ -98,24 +163,33 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
                     if len(data) != m.size:
                         raise EOFError(f"member {m.name} is truncated ({len(data)} of {m.size} bytes)")
                     cur[ext] = data
-            end = tf.offset
-            if not _has_end_marker(path, end):
-                # tarfile ends a cut-off archive silently; a complete one has two zero blocks here
-                raise EOFError(f"no end-of-archive marker after byte {end}: the file is truncated")
-            if cur is not None and index >= skip:
+            else:
+                if not _has_end_marker(fh, path, tf.offset):
+                    # tarfile ends a cut-off archive silently; a complete one has two zero blocks here
+                    raise EOFError(f"no end-of-archive marker after byte {tf.offset}: the file is truncated")
+            if cur is not None and take(cur):
+                account()
+                stats.samples += 1
                 yield cur
     except (tarfile.TarError, OSError, EOFError) as e:
         msg = f"{path}: read error after sample {index} ({e}); rest of the shard skipped"
         log.warning(msg)
-        if stats is not None:
-            stats.read_errors.append(msg)
+        stats.read_errors.append(msg)
+    finally:
+        account()
+        if fh is not None:
+            fh.close()
 
 
-def _has_end_marker(path: str, offset: int) -> bool:
+def _has_end_marker(fh, path: str, offset: int) -> bool:
     try:
-        with open(path, "rb") as fh:
+        if fh is not None:
             fh.seek(offset)
             tail = fh.read(1024)
+        else:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                tail = f.read(1024)
     except OSError:
         return True  # not a seekable file (a pipe): nothing to check
     return len(tail) == 1024 and not tail.strip(b"\0")

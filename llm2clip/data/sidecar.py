@@ -324,22 +324,30 @@ class JoinStats:
     missing_field: dict[str, int] = field(default_factory=dict)  # joined, but this field absent/bad
     bad_embedding: list[str] = field(default_factory=list)  # "sidecar:member" that failed to decode
     read_errors: list[str] = field(default_factory=list)
+    bytes_read: int = 0  # image shard + sidecar bytes read
+    samples_read: int = 0  # image samples read
 
     def as_dict(self) -> dict[str, Any]:
         return {"joined": self.joined, "image_only": self.image_only, "sidecar_only": self.sidecar_only,
                 "no_image": self.no_image, "missing_field": dict(self.missing_field),
-                "bad_embedding": len(self.bad_embedding), "read_errors": len(self.read_errors)}
+                "bad_embedding": len(self.bad_embedding), "read_errors": len(self.read_errors),
+                "bytes_read": self.bytes_read, "samples_read": self.samples_read}
 
 
 def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None = None,
                 expected_fingerprint: str | None = None, stats: JoinStats | None = None,
-                image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[dict[str, Any]]:
-    """Stream {"__key__", "__shard__", "jpg": image bytes (undecoded), "emb": {field: array [width]}}.
+                image_exts: tuple[str, ...] = IMAGE_EXTS, start: int = 0, count: int | None = None,
+                decode: bool = True) -> Iterator[dict[str, Any]]:
+    """Stream {"__key__", "__shard__", "__index__", "jpg": image bytes (undecoded), "emb": {field: array
+    [width]}} (decode=False: {field: the `.npy` member's bytes}, for `decode_npy` by the caller once it
+    has chosen a field; then a member that does not decode is the caller's to count).
 
     A merge-join on key that holds one sample per side in memory. Keys on one side only are skipped
-    and counted in `stats`; so are samples without an image member. An undecodable embedding member
-    is skipped with a warning naming it; the sample is still yielded if another requested field
-    decoded. `fields`: specs ("json:dense") or member names ("dense"); None = all in the manifest.
+    and counted in `stats` (the first few named in the log); so are samples without an image member.
+    An undecodable embedding member is skipped with a warning naming it; the sample is still yielded if
+    another requested field decoded. `start`/`count`: only image samples [start, start + count) (the
+    ones before are passed over by their headers, and so are their sidecar members).
+    `fields`: specs ("json:dense") or member names ("dense"); None = all in the manifest.
     Raises SidecarError (incomplete/corrupt sidecar) or SidecarMismatchError (other encoder / field).
     """
     stats = stats if stats is not None else JoinStats()
@@ -352,37 +360,59 @@ def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None =
     width, dtype = m["width"], m["dtype"]
     by_order = bool(m.get("keys_sorted"))  # else: sidecar keys are a subsequence of image keys
     rs_img, rs_sc = ReadStats(), ReadStats()
-    imgs = iter_tar_samples(image_shard, rs_img, want=set(image_exts))
-    embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names})
-    img, sc = next(imgs, None), next(embs, None)
+    before: set[str] = set()  # image keys before `start`: their sidecar members are not ours
+    imgs = iter_tar_samples(image_shard, rs_img, skip=start, count=count, want=set(image_exts), skipped_keys=before)
+    img = next(imgs, None)
+    embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names}, skip_keys=before)
+    sc = next(embs, None) if img is not None else None
+    partial = count is not None  # the shard's later samples belong to another stream: do not drain it
+
+    def skip(kind: str, key: str) -> None:
+        n = getattr(stats, kind) + 1
+        setattr(stats, kind, n)
+        if n <= _MAX_NAMED:
+            log.warning(f"{image_shard}: sample '{key}' {_SKIP_REASON[kind]}; skipped (counted)")
+
     try:
         while img is not None and sc is not None:
             ki, ks = img["__key__"], sc["__key__"]
             if ki == ks:
-                out = _decode_sample(sc, names, width, dtype, sidecar_shard, stats)
+                out = (_decode_sample(sc, names, width, dtype, sidecar_shard, stats) if decode else
+                       {n: sc[f"{n}.npy"] for n in names if f"{n}.npy" in sc})
                 image = next((img[e] for e in image_exts if e in img), None)
                 if image is None:
-                    stats.no_image += 1
+                    skip("no_image", ki)
                 elif not out:
-                    stats.image_only += 1
+                    skip("image_only", ki)
                 else:
                     stats.joined += 1
-                    yield {"__key__": ki, "__shard__": image_shard, "jpg": image, "emb": out}
+                    yield {"__key__": ki, "__shard__": image_shard, "__index__": img["__index__"], "jpg": image,
+                           "emb": out}
                 img, sc = next(imgs, None), next(embs, None)
             elif by_order and ks < ki:
-                stats.sidecar_only += 1
+                skip("sidecar_only", ks)
                 sc = next(embs, None)
             else:
-                stats.image_only += 1
+                skip("image_only", ki)
                 img = next(imgs, None)
         while img is not None:
-            stats.image_only += 1
+            skip("image_only", img["__key__"])
             img = next(imgs, None)
-        while sc is not None:
-            stats.sidecar_only += 1
+        while sc is not None and not partial:
+            skip("sidecar_only", sc["__key__"])
             sc = next(embs, None)
     finally:
         stats.read_errors.extend(rs_img.read_errors + rs_sc.read_errors)
+        stats.bytes_read += rs_img.bytes_read + rs_sc.bytes_read
+        stats.samples_read += rs_img.samples
+        embs.close()
+        imgs.close()
+
+
+_MAX_NAMED = 5
+_SKIP_REASON = {"image_only": "has no embedding in the sidecar (caption missing when embedded?)",
+                "sidecar_only": "is in the sidecar but not in the image shard",
+                "no_image": "has no image member"}
 
 
 def _decode_sample(sc: dict, names: list[str], width: int, dtype: str, path: str,
