@@ -3,9 +3,11 @@
 ``nodes=1`` (default): one slurmd for this host. ``nodes=N`` (N >= 2): N slurmd daemons named node1..nodeN,
 each in its own network, UTS and mount namespace with its own address on a private bridge
 (tests/slurm_netns.py), so that jobs really span "machines": different hostnames and addresses,
-rendezvous over the bridge. Debian's slurm-wlm is built without --enable-multiple-slurmd (slurmctld
-rejects two nodes with one NodeHostname: "Duplicated NodeHostName"), so namespaces are the only way
-to get more than one node on one machine with this build.
+rendezvous over the bridge. (Slurm's multiple-slurmd mode also runs here with Debian's 22.05 build:
+two NodeName lines with one NodeHostname, distinct Port=, `slurmd -N`. But then every "node" has
+the host's hostname and 127.0.0.1, and node names resolve nowhere, so the bugs a multi-node launch
+hits first, name resolution and gloo/NCCL binding the wrong interface, could not show up; see
+docs/SLURM.md.)
 
 Used by ``tests/test_slurm_launch.py`` and by ``tools/slurm_local.py``. Everything lives under
 one directory (config, logs, state); only the unix sockets (munge, slurmd spool) go to a short

@@ -12,6 +12,7 @@ bridge). Every job takes two nodes, one CPU task per node, so every collective c
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -19,10 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import slurm_cluster
 from tests.helpers import ROOT, read_metrics, run_cmd, torchrun
 from tests.test_slurm_pipeline import job_env as _pipeline_job_env
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+def REAL_SLURM(test):
+    """Markers declared in pyproject.toml: `-m "not slurm"` (or "not slow") deselects these."""
+    return pytest.mark.slow(pytest.mark.slurm(test))
+
 
 ALLOC = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
 # Logged by slurm/_common.sh: the batch shell once per run, each task once per run.
@@ -100,6 +106,7 @@ def stage1_args(w, out: Path, steps: int) -> list[str]:
             "--set", "run.log_every=1", "--set", "run.progress_bar=false"]
 
 
+@REAL_SLURM
 def test_stage1_two_nodes_equals_one_machine(slurm_multinode, tiny_world, tmp_path):
     steps = 6
     jobs = Jobs(slurm_multinode, tmp_path)
@@ -133,6 +140,7 @@ def embedded_two_nodes(slurm_multinode, tiny_world, tmp_path_factory):
     return tmp / "two", tmp / "one", jobs.finish(job)
 
 
+@REAL_SLURM
 def test_embed_two_nodes_byte_identical(slurm_multinode, embedded_two_nodes):
     two, one, log = embedded_two_nodes
     (run,) = runs_of(log)
@@ -161,6 +169,7 @@ def stage2_args(w, emb: Path, out: Path, steps: int) -> list[str]:
             "--set", "run.progress_bar=false"]
 
 
+@REAL_SLURM
 def test_stage2_preempted_requeues_onto_other_nodes_and_resumes(slurm_multinode, tiny_world, embedded_two_nodes,
                                                                  tmp_path):
     steps, cluster = 16, slurm_multinode
@@ -194,3 +203,46 @@ def test_stage2_preempted_requeues_onto_other_nodes_and_resumes(slurm_multinode,
     assert runs[0]["master"] == first and first not in runs[-1]["nodes"], runs
     assert "resumed from" in log and "exiting 42" in log and ": requeueing job" in log
     assert_same_losses(losses(out), losses(ref), steps)
+
+
+# ---------------------------------------------------------------------------------------- the harness
+def test_no_namespaces_skips_or_fails_in_ci(monkeypatch):
+    monkeypatch.setattr(slurm_cluster, "_probe_netns", lambda: "network namespaces not permitted here (test)")
+    if slurm_cluster.missing_requirements(1):
+        pytest.skip("no single-node Slurm here either: nothing to tell apart")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs network namespaces: network namespaces not permitted"):
+        slurm_cluster.require_slurm(2)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="allow network namespaces"):
+        slurm_cluster.require_slurm(2)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+@REAL_SLURM
+def test_cluster_cleans_up_after_a_failure(tmp_path):
+    """A failure inside `with LocalSlurm(nodes=2)` still stops every daemon by PID and removes the
+    namespaces, the veth pairs and the bridge; so does a start that fails half-way."""
+    slurm_cluster.require_slurm(2)
+    cluster = slurm_cluster.LocalSlurm(tmp_path / "c", nodes=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cluster:
+            pids, net = cluster.pids(), cluster.net
+            assert sorted(pids) == ["munged", "slurmctld", "slurmd@node1", "slurmd@node2"]
+            assert len(net.leftovers()) == 5  # 2 namespaces, 2 host-side veths, 1 bridge
+            raise RuntimeError("boom")
+    assert all(_dead(p) for p in pids.values()), pids
+    assert net.leftovers() == [] and not (tmp_path / "c" / "cluster.json").exists()
+
+    broken = slurm_cluster.LocalSlurm(tmp_path / "b", nodes=2)
+    with pytest.raises(slurm_cluster.SlurmStartError, match="timed out"):
+        broken.start(timeout=0)  # fails at the first wait, with the network up and munged started
+    assert broken.net is not None and broken.net.leftovers() == []
+    assert not broken.pids()

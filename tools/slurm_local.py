@@ -1,6 +1,7 @@
-"""Start, stop or inspect a throw-away single-node Slurm cluster on this machine.
+"""Start, stop or inspect a throw-away Slurm cluster on this machine (one node, or --nodes N).
 
     python tools/slurm_local.py start  --dir /tmp/l2c-slurm     # prints: export SLURM_CONF=...
+    python tools/slurm_local.py start  --dir /tmp/l2c-slurm2 --nodes 2   # node1, node2 in network namespaces
     eval "$(python tools/slurm_local.py start --dir /tmp/l2c-slurm)"
     sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 slurm/stage1.sh cfg.yaml
     python tools/slurm_local.py status --dir /tmp/l2c-slurm
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["start", "stop", "status"])
     ap.add_argument("--dir", required=True, help="directory for slurm.conf, logs and state")
-    ap.add_argument("--cpus", type=int, default=None, help="CPUs the node advertises (default: nproc, min 2)")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs each node advertises (default: nproc, min 2)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="nodes; 2 or more run each slurmd in its own network namespace (docs/SLURM.md)")
     args = ap.parse_args(argv)
     root = Path(args.dir).resolve()
     state = root / "cluster.json"
@@ -40,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export SLURM_CONF={cluster.conf_path}")
                 return 0
             cluster.stop()  # leftovers of a dead cluster
-        cluster = LocalSlurm(root, cpus=args.cpus, die_with_parent=False)
+        cluster = LocalSlurm(root, cpus=args.cpus, die_with_parent=False, nodes=args.nodes)
         try:
             cluster.start()
         except (SlurmUnavailable, SlurmStartError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"# single-node Slurm up: node {cluster.hostname}, {cluster.cpus} CPUs, pids {cluster.pids()}",
+        print(f"# Slurm up: node(s) {','.join(cluster.node_names)}, {cluster.cpus} CPUs each, pids {cluster.pids()}",
               file=sys.stderr)
         print(f"export SLURM_CONF={cluster.conf_path}")
         return 0
