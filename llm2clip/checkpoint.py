@@ -8,6 +8,7 @@ Layout under `<output_dir>/checkpoints/`:
         rank00000.safetensors per-rank torch (CPU/CUDA) RNG state
         COMPLETE              written last, before the rename
     .step_00000200.tmp/       an interrupted save: ignored, removed by the next save
+and `<output_dir>/run.lock`: the job that owns the directory (one at a time, see acquire_run_lock).
 
 Rank 0 decides which checkpoint to resume from and broadcasts the path. Nothing is unpickled on
 load: our files are JSON and safetensors, and DeepSpeed's own files are read with
@@ -16,10 +17,12 @@ load: our files are JSON and safetensors, and DeepSpeed's own files are read wit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text
 
+log = logging.getLogger("llm2clip")
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -94,6 +98,7 @@ def begin_save(output_dir: str, step: int) -> Path:
     if D.get_rank() == 0:
         root = final.parent
         root.mkdir(parents=True, exist_ok=True)
+        check_run_lock(output_dir)  # leftovers are ours to clear only while no other job holds the directory
         for stale in root.glob(".step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -208,3 +213,123 @@ def _allow_deepspeed_globals() -> None:
     import collections
     allowed += [collections.OrderedDict, set]
     torch.serialization.add_safe_globals(allowed)
+
+
+# ---- one job per run directory -----------------------------------------------------------------
+
+LOCK_NAME = "run.lock"
+
+
+class RunDirLockedError(RuntimeError):
+    """Another live job holds the run directory."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a recycled pid is not mistaken
+    for the lock holder; None where /proc is absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+def _me() -> dict[str, Any]:
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _held_by_me(holder: dict[str, Any] | None, me: dict[str, Any]) -> bool:
+    return bool(holder) and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+
+
+def _takeover_reason(holder: dict[str, Any] | None, me: dict[str, Any], force: bool) -> str | None:
+    """Why the lock `holder` wrote may be taken over by `me`; None if it may not."""
+    if holder is None:
+        return "the lock file is unreadable (a crash while writing it)"
+    if _held_by_me(holder, me):
+        return "this process holds it already"
+    if holder.get("host") == me["host"]:
+        # same host: the pid answers for itself; a live holder wins even within the same Slurm job
+        if not _pid_alive(int(holder.get("pid", -1)), holder.get("pid_start")):
+            return f"its process {holder.get('pid')} on {me['host']} is gone"
+        return None
+    # another host: its pid cannot be checked from here
+    if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
+        return f"it belongs to this Slurm job ({me['slurm_job_id']}), requeued"
+    if force:
+        return "run.break_lock=true"
+    return None
+
+
+def acquire_run_lock(output_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Take `<output_dir>/run.lock` (host, pid, pid start time, Slurm job id) or raise RunDirLockedError.
+
+    Call on one process per job (rank 0): the run directory sits on a shared filesystem. A lock is
+    stale, and taken over, when its holder's pid is gone on this host, when it belongs to this same
+    Slurm job id (a requeue: the old processes are gone), or when `force` (run.break_lock) says so."""
+    path = Path(output_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = _me()
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_run_lock(path)
+            reason = _takeover_reason(holder, me, force)
+            if reason is None:
+                h = holder or {}
+                job = f"Slurm job {h['slurm_job_id']}, " if h.get("slurm_job_id") else ""
+                raise RunDirLockedError(
+                    f"{path.parent} is in use by another job ({job}host {h.get('host')}, pid {h.get('pid')}, since "
+                    f"{h.get('since')}); two jobs in one run directory would overwrite each other's checkpoints. "
+                    f"Use another run.output_dir, stop that job, or, if it is gone (it ran on another host, so its "
+                    f"pid cannot be checked from here), delete {path} or set run.break_lock=true") from None
+            if _held_by_me(holder, me):
+                return path
+            log.warning(f"taking over {path} from {holder}: {reason}")
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+    raise RunDirLockedError(f"{path}: could not take the lock (another job keeps taking it over)")
+
+
+def read_run_lock(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        d = json.loads(Path(path).read_text())
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def release_run_lock(path: str | os.PathLike) -> None:
+    """Remove the lock if this process still holds it (a job that took it over keeps it)."""
+    if _held_by_me(read_run_lock(path), _me()):
+        Path(path).unlink(missing_ok=True)
+
+
+def check_run_lock(output_dir: str | os.PathLike) -> None:
+    """Raise unless the run directory's lock is absent or ours: a save must not clear another job's files."""
+    path = Path(output_dir) / LOCK_NAME
+    holder = read_run_lock(path) if path.exists() else None
+    if path.exists() and not _held_by_me(holder, _me()):
+        raise RunDirLockedError(f"{path} is now held by {holder}, not by this job; not touching its checkpoints")

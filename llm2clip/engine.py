@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -51,6 +52,25 @@ class TrainTask(Protocol):
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+_KEYS_NAMED = 5  # sample keys named per rank when a step is non-finite
+
+
+@dataclass
+class NonFiniteStep:
+    """A step whose loss or gradient was non-finite and that DeepSpeed discarded (on_nonfinite=skip)."""
+    message: str
+    n_tok: int
+    n_items: int
+    wait: float
+
+
+def _nonfinite_inputs(batch) -> list[str]:
+    """Names of the floating-point tensors in a batch (dict values or tuple items) holding nan/inf.
+    Only called once a loss was non-finite, so its cost does not matter."""
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (list, tuple)) else [])
+    return [str(k) for k, v in items if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def ensure_deepspeed_comm() -> None:
@@ -108,6 +128,17 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, world: int) -> dict:
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
     if train.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = train.zero_stage
+    if train.on_nonfinite == "skip":
+        # the skip is DeepSpeed's own overflow discard (grads zeroed, no update, ranks agree), which ZeRO 1/2
+        # do for bf16 (check_grad_overflow) and fp32 (non-finite norm); ZeRO 0/3 would apply NaN updates
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2):
+            raise ConfigError(f"train.on_nonfinite=skip needs ZeRO stage 1 or 2 ({path} / train.zero_stage give "
+                              f"{stage}); use train.on_nonfinite=fail with this stage")
+        if prec == "bf16":
+            if ds["bf16"].get("check_grad_overflow") is False:
+                raise ConfigError(f"{path}: bf16.check_grad_overflow=false, but train.on_nonfinite=skip needs it")
+            ds["bf16"]["check_grad_overflow"] = True
     ds.setdefault("zero_allow_untested_optimizer", True)  # we bring torch's AdamW (no JIT-compiled op on CPU)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -153,6 +184,7 @@ class Trainer:
         self.stop_after = train.stop_after
         self.log = setup_logging()
         self.out = Path(run.output_dir)
+        self.skipped_steps = 0  # optimizer steps discarded for a non-finite loss/gradient (on_nonfinite=skip)
 
     def _build_engine(self):
         import deepspeed
@@ -180,15 +212,17 @@ class Trainer:
         engine, ds_cfg = self._build_engine()
         if D.get_rank() == 0:
             atomic_write_text(self.out / "deepspeed_config.json", json.dumps(ds_cfg, indent=1))
-        metrics = MetricLogger(str(self.out), self.run_cfg.tensorboard)
         step, samples_seen, data_state = 0, 0, None
         ckpt = C.resolve_resume(self.run_cfg.resume, str(self.out))
         if ckpt is not None:
             engine.load_checkpoint(str(ckpt / "engine"), tag="ds", load_module_strict=False)
             st = C.read_trainer_state(ckpt)
             step, samples_seen = st["step"], st["samples_seen"]
+            self.skipped_steps = st.get("skipped_steps", 0)
             data_state = C.load_rank_state(ckpt, D.get_rank())
             self.log.info(f"resumed from {ckpt} at step {step}")
+        # rows logged after the checkpoint by the interrupted run are replayed now: the logger drops them
+        metrics = MetricLogger(str(self.out), self.run_cfg.tensorboard, resume_step=step)
         preempt = _PreemptFlag()
         batches = self.task.batches(data_state or None)
         summary: dict[str, Any] = {}
@@ -200,9 +234,19 @@ class Trainer:
         end = self.train_cfg.max_steps if self.stop_after is None else min(self.stop_after, self.train_cfg.max_steps)
         bar = progress(end, step, self.task.name, self.run_cfg.progress_bar)
         t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
+        loss_val, m, consecutive = float("nan"), {}, 0
         while step < end:
-            loss_val, m, n_tok, n_items, wait = self._train_step(engine, batches)
+            out = self._train_step(engine, batches, step + 1)
             step += 1
+            if isinstance(out, NonFiniteStep):
+                consecutive += 1
+                self.skipped_steps += 1
+                out = self._skipped(out, consecutive)
+            else:
+                consecutive = 0
+            step_loss, step_m, n_tok, n_items, wait = out
+            if step_m is not None:  # a skipped step keeps the last applied step's loss for the log
+                loss_val, m = step_loss, step_m
             samples_seen += n_items * D.get_world_size()
             tok_acc += n_tok
             item_acc += n_items
@@ -218,6 +262,7 @@ class Trainer:
                        "perf/tokens_per_s": tok_acc * D.get_world_size() / dt,
                        "perf/items_per_s": item_acc * D.get_world_size() / dt,
                        "perf/data_wait_frac": wait_acc / dt, "perf/peak_mem_gib": peak_memory_gib(),
+                       "train/skipped_steps": self.skipped_steps,
                        **{f"train/{k}": v for k, v in m.items()}, **self._counters()}
                 metrics.log(step, row)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{row['train/lr']:.2e}")
@@ -253,53 +298,133 @@ class Trainer:
         fn = getattr(self.task, "counters", None)
         return D.sum_counters(fn()) if fn else {}
 
-    def _train_step(self, engine, batches) -> tuple[float, dict, int, int, float]:
-        """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens, items, wait s)."""
+    def _train_step(self, engine, batches, step: int):
+        """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens,
+        items, wait s), or a NonFiniteStep when the step was discarded (train.on_nonfinite=skip)."""
         tot_loss, n_tok, n_items, wait = 0.0, 0, 0, 0.0
         agg: dict[str, float] = {}
+        keys: list[str] = []  # this rank's samples in this step, named if the step goes wrong
+        bad: str | None = None
         for _ in range(self.train_cfg.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
+            keys += self._batch_keys(batch)
             loss, m, ntok = self.task.loss(engine, batch)
             # every rank must agree, or the healthy ones would wait forever in the next collective
             finite = bool(torch.isfinite(loss.detach()).all())
-            if D.all_reduce_max(0.0 if finite else 1.0) > 0:
-                where = f"on rank {D.get_rank()} (loss {loss.item()})" if not finite else "on another rank"
-                raise NonFiniteError(f"non-finite loss at step {engine.global_steps + 1} {where}; lower optim.lr or "
-                                     "check the data (no step was taken)")
+            if bad is None and D.all_reduce_max(0.0 if finite else 1.0) > 0:
+                bad = self._culprits(step, "loss", keys, _nonfinite_inputs(batch), loss, finite)
+                if self.train_cfg.on_nonfinite == "fail":
+                    raise NonFiniteError(f"{bad}. No step was taken. Lower optim.lr, check those samples, or set "
+                                         "train.on_nonfinite=skip to pass over such steps")
+            if bad is not None:
+                # NaN gradients on every rank for the rest of this step: DeepSpeed's overflow check (ZeRO 1/2,
+                # see build_ds_config) then discards the whole step on all ranks together, grads zeroed
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
-            tot_loss += float(loss.detach()) / self.train_cfg.grad_accum
-            n_tok += ntok
             n_items += int(m.pop("n_items", 0))
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v / self.train_cfg.grad_accum
+            n_tok += ntok
+            if bad is None:
+                tot_loss += float(loss.detach()) / self.train_cfg.grad_accum
+                for k, v in m.items():
+                    agg[k] = agg.get(k, 0.0) + v / self.train_cfg.grad_accum
         gn = engine.get_global_grad_norm()
-        if gn is not None and not math.isfinite(float(gn)):
-            raise NonFiniteError(f"non-finite gradient norm at step {engine.global_steps}; lower optim.lr")
+        grad_bad = (gn is not None and not math.isfinite(float(gn))) or not engine.was_step_applied()
+        if bad is None and grad_bad:  # finite losses everywhere, yet the gradient is not
+            bad = self._culprits(step, "gradient", keys, [], None, True)
+            if self.train_cfg.on_nonfinite == "fail":
+                raise NonFiniteError(f"{bad}. Lower optim.lr or optim.grad_clip, check those samples, or set "
+                                     "train.on_nonfinite=skip to pass over such steps")
+        if bad is not None:
+            if engine.was_step_applied():
+                raise NonFiniteError(f"{bad}; DeepSpeed applied the step anyway, so the weights are no longer "
+                                     "finite (train.on_nonfinite=skip needs ZeRO stage 1 or 2)")
+            return NonFiniteStep(bad, n_tok, n_items, wait)
         self.task.after_optimizer_step(engine.module)
         return tot_loss, agg, n_tok, n_items, wait
+
+    def _batch_keys(self, batch) -> list[str]:
+        fn = getattr(self.task, "batch_keys", None)
+        if fn is not None:
+            return [str(k) for k in fn(batch)]
+        return [str(k) for k in batch.get("keys", [])] if isinstance(batch, dict) else []
+
+    def _culprits(self, step: int, what: str, keys: list[str], bad_inputs: list[str], loss, finite: bool) -> str:
+        """One message naming the step, the ranks whose local loss or inputs were non-finite and their first
+        sample keys (every rank's keys when no rank stands out). Collective: every rank calls it."""
+        mine = {"rank": D.get_rank(), "loss": None if loss is None else float(loss.detach().float().mean()),
+                "finite": finite, "inputs": bad_inputs, "keys": keys[:_KEYS_NAMED], "n_keys": len(keys)}
+        infos = D.all_gather_object(mine)
+        culprits = [i for i in infos if not i["finite"] or i["inputs"]] or infos
+
+        def one(i: dict) -> str:
+            parts = [f"local loss {i['loss']}"] if i["loss"] is not None else []
+            if i["inputs"]:
+                parts.append(f"non-finite inputs: {', '.join(i['inputs'])}")
+            more = f" (+{i['n_keys'] - len(i['keys'])} more)" if i["n_keys"] > len(i["keys"]) else ""
+            parts.append(f"first sample keys: {', '.join(i['keys']) or '(batches carry no keys)'}{more}")
+            return f"rank {i['rank']} ({'; '.join(parts)})"
+
+        others = len(infos) - len(culprits)
+        tail = f"; the other {others} rank(s) were finite" if others and what == "loss" else ""
+        head = "" if what == "loss" else " (every rank's loss was finite)"
+        return f"non-finite {what} at step {step}{head}: " + ", ".join(one(i) for i in culprits) + tail
+
+    def _skipped(self, s: "NonFiniteStep", consecutive: int) -> tuple:
+        limit = self.train_cfg.max_consecutive_skips
+        if consecutive > limit:
+            raise NonFiniteError(f"{s.message}. That is {consecutive} non-finite steps in a row (train."
+                                 f"max_consecutive_skips={limit}); lower optim.lr or check the data")
+        if D.get_rank() == 0:  # the message is the same on every rank
+            self.log.warning(f"skipped (train.on_nonfinite=skip, {consecutive} in a row, {self.skipped_steps} in "
+                             f"all): {s.message}")
+        return 0.0, None, s.n_tok, s.n_items, s.wait
 
     def _save(self, engine, step: int, samples_seen: int) -> None:
         tmp = C.begin_save(str(self.out), step)
         engine.save_checkpoint(str(tmp / "engine"), tag="ds")
         C.save_rank_state(tmp, D.get_rank(), self.task.data_state())
         state = {"step": step, "samples_seen": samples_seen, "world_size": D.get_world_size(),
+                 "skipped_steps": self.skipped_steps,
                  "config": config_to_dict(self.full_config)}
         final = C.commit_save(tmp, state, self.train_cfg.keep_last)
         self.log.info(f"saved checkpoint {final}")
 
 
-def run_training(cfg: Any, make_task) -> dict[str, Any]:
-    """Initialise the process group, build the task (it may read data on every rank), train, and leave
-    together: no rank exits while another still writes (gloo aborts at exit otherwise)."""
+def run_training(cfg: Any, make_task, preflight=None) -> dict[str, Any]:
+    """Initialise the process group, run the task's `preflight(cfg)` (every path checked before any model
+    loads), take the run directory's lock, build the task (it may read data on every rank), train, and
+    leave together: no rank exits while another still writes (gloo aborts at exit otherwise)."""
     D.init_distributed(single_process_group=True)
     setup_logging()
-    summary = Trainer(cfg.run, cfg.train, cfg.optim, make_task(cfg), cfg).run()
+    if preflight is not None:
+        preflight(cfg)
+    lock = take_run_lock(cfg.run)
+    try:
+        summary = Trainer(cfg.run, cfg.train, cfg.optim, make_task(cfg), cfg).run()
+    finally:
+        if lock is not None:
+            C.release_run_lock(lock)
     D.barrier()
     D.cleanup()
     return summary
+
+
+def take_run_lock(run: RunConfig) -> Path | None:
+    """Rank 0 takes `<output_dir>/run.lock` for the job (the directory is shared by all nodes); every rank
+    raises the same RunDirLockedError when another live job holds it. Returns the lock path on rank 0."""
+    got, err = None, None
+    if D.get_rank() == 0:
+        try:
+            got = C.acquire_run_lock(run.output_dir, force=run.break_lock)
+        except C.RunDirLockedError as e:
+            err = str(e)
+    err = D.broadcast_object(err)
+    if err:
+        raise C.RunDirLockedError(err)
+    return got
 
 
 def _fmt(d: dict) -> str:

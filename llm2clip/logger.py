@@ -40,23 +40,45 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 
 
 class MetricLogger:
-    """Writes scalars to TensorBoard (`<run>/tb`) and `<run>/metrics.jsonl` on rank 0."""
+    """Writes scalars to TensorBoard (`<run>/tb`) and `<run>/metrics.jsonl` on rank 0.
 
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    `resume_step`: the step training (re)starts from. Rows an interrupted run wrote after it are about to be
+    replayed, so they are dropped from metrics.jsonl and purged from TensorBoard: each step has one set of
+    rows, from the run whose weights the checkpoints hold. A fresh start (0) drops every old row."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = D.get_rank() == 0
         self.tb = None
         self.path = Path(run_dir) / "metrics.jsonl"
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_replayed(resume_step)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else 0)
+
+    def _drop_replayed(self, resume_step: int) -> None:
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a kill: it will be replayed as well
+                continue
+            if resume_step and row.get("step", 0) <= resume_step:
+                keep.append(line + "\n")
+        from llm2clip.config import atomic_write_text
+
+        atomic_write_text(self.path, "".join(keep))
 
     def log(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) or torch.is_tensor(v)}
+        if not clean:  # e.g. an evaluation with nothing to evaluate
+            return
         if self.tb is not None:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)

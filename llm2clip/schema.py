@@ -25,6 +25,9 @@ class RunConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     deterministic: bool = False
+    # take over the run directory's lock even when its holder ran on another host and is not this Slurm job
+    # (its pid cannot be checked from here); only when that job is known to be gone
+    break_lock: bool = False
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -115,10 +118,17 @@ class TrainConfig:
     zero_stage: Optional[int] = None  # override the stage in the DeepSpeed file
     num_workers: int = 1
     stop_after: Optional[int] = None  # checkpoint and exit 0 at this step, keeping max_steps' lr schedule
+    # A non-finite loss or gradient: "fail" stops naming the step, rank(s) and sample keys; "skip" discards
+    # that optimizer step (weights and optimizer state untouched), counts and logs it, and fails after
+    # max_consecutive_skips skipped steps in a row. skip needs ZeRO stage 1 or 2 (DeepSpeed discards there).
+    on_nonfinite: Literal["fail", "skip"] = "fail"
+    max_consecutive_skips: int = 5
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.max_steps, train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError("train.max_consecutive_skips must be >= 1")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("train.zero_stage must be 0, 1, 2 or 3")
 

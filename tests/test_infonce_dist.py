@@ -41,13 +41,3 @@ def test_identical_captions_are_not_negatives():
     masked, _ = infonce_loss(q, p, None, 0.05, ids)
     unmasked, _ = infonce_loss(q, p, None, 0.05, None)
     assert masked < unmasked
-
-
-def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
-    """A NaN on rank 1 must not leave rank 0 waiting in a collective: both raise, naming the step."""
-    p = torchrun(str(ROOT / "tests/dist_scripts/nonfinite_task.py"), [str(tmp_path / "run")], timeout=120,
-                 check=False)
-    out = p.stdout + p.stderr
-    assert p.returncode != 0
-    assert "rank 0: NonFiniteError: non-finite loss at step 3 on another rank" in out, out[-3000:]
-    assert "rank 1: NonFiniteError: non-finite loss at step 3 on rank 1" in out, out[-3000:]

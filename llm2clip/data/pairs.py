@@ -26,6 +26,7 @@ class Example:
     query: str
     positive: str
     negative: str | None
+    key: str = ""  # where it came from ("shard.tar/sample key", "file.jsonl:line"), named when a step fails
 
 
 class ShardPairSource:
@@ -101,7 +102,7 @@ class ShardPairSource:
         other = dict(recs[j][2])
         neg = other.get(fp) or next(iter(other.values()))
         self.offset += 1
-        return Example(q, p, neg)
+        return Example(q, p, neg, f"{Path(shard).name}/{key}")
 
 
 class JsonlPairSource:
@@ -110,7 +111,7 @@ class JsonlPairSource:
 
     def __init__(self, cfg: PairSourceConfig, seed: int, rank: int, world: int, name: str):
         self.seed, self.name, self.rank, self.world = seed, name, rank, world
-        self.rows: list[tuple[str, str, str | None]] = []
+        self.rows: list[tuple[str, str, str | None, str]] = []  # (query, positive, negative, file:line)
         for path in expand_shards(cfg.path):
             for ln, line in enumerate(Path(path).read_text().splitlines(), 1):
                 if not line.strip():
@@ -118,7 +119,7 @@ class JsonlPairSource:
                 try:
                     d = json.loads(line)
                     self.rows.append((str(d["query"]), str(d["positive"]),
-                                      str(d["negative"]) if d.get("negative") else None))
+                                      str(d["negative"]) if d.get("negative") else None, f"{Path(path).name}:{ln}"))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{ln}: malformed pair line ({e!r}); expected "
                                      '{"query": ..., "positive": ..., "negative": ... (optional)}') from None
@@ -142,9 +143,9 @@ class JsonlPairSource:
         if self.offset >= len(self._perm):
             self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
             return self.next()
-        q, p, n = self.rows[self._perm[self.offset]]
+        q, p, n, where = self.rows[self._perm[self.offset]]
         self.offset += 1
-        return Example(q, p, n)
+        return Example(q, p, n, where)
 
 
 class PairStream:

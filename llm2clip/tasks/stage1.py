@@ -56,10 +56,11 @@ class Stage1Task:
         backbone = enc.backbone
         if self.zero == 3:
             # proof that zero.Init partitioned the weights while loading: this rank holds ~1/world of them
-            local = sum(p.numel() for p in backbone.parameters())
+            # (a partitioned parameter's own tensor is empty; its share on this rank is ds_tensor)
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in backbone.parameters())
             full = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())
             log.info(f"ZeRO-3 load: rank {self.rank} materialised {local:,} of {full:,} parameters "
-                     f"({100 * local / max(full, 1):.1f}%)")
+                     f"({100 * local / max(full, 1):.1f}%): its partition, the rest live on the other ranks")
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -87,6 +88,9 @@ class Stage1Task:
         return [{"params": params, "weight_decay": self.cfg.optim.weight_decay}]
 
     # --- data ----------------------------------------------------------------------------------
+    def batch_keys(self, batch) -> list[str]:  # named by the engine when a step is non-finite
+        return [e.key for e in batch[0]]
+
     def batches(self, data_state: dict | None) -> Iterator[Any]:
         if data_state:
             self.stream.load_state_dict(data_state)

@@ -274,4 +274,6 @@ class Stage2Task:
 
 
 def run_stage2(cfg: Stage2Config) -> dict:
-    return run_training(cfg, Stage2Task)
+    from llm2clip.preflight import check_training_paths
+
+    return run_training(cfg, Stage2Task, preflight=check_training_paths)
