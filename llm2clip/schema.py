@@ -25,6 +25,9 @@ class RunConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     deterministic: bool = False
+    # On resume, start the data streams from the beginning instead of the checkpoint's position (needed when
+    # the world size or loader worker count changed: saved stream positions cannot be remapped exactly).
+    reset_data_position: bool = False
     # take over the run directory's lock even when its holder ran on another host and is not this Slurm job
     # (its pid cannot be checked from here); only when that job is known to be gone
     break_lock: bool = False
@@ -158,6 +161,8 @@ class Stage1DataConfig:
     doc_instruction: str = ""
     hard_negatives: bool = True
     single_source_batches: bool = True  # every global batch from one source, as the authors do
+    # Caption records per shuffle block of each rank, read interleaved from 4 open shards and emitted in a seeded
+    # order; hard negatives come from the same block (other shards too). Memory: the captions of this many samples.
     shuffle_buffer: int = 1000
     val_path: str = ""  # held-out image shards for CRA
     val_fields: list[str] = field(default_factory=lambda: ["txt", "json:short_alt"])
@@ -166,6 +171,8 @@ class Stage1DataConfig:
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("data.sources must list at least one caption source")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("data.shuffle_buffer must be >= 1 (1 = no sample shuffling)")
 
 
 @dataclass

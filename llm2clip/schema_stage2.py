@@ -35,6 +35,10 @@ class ModelConfig:
     local_loss: bool = True
     gather_with_grad: bool = True
     save_initial: bool = False  # also export the model before any step (<run>/export/initial_model): a baseline
+    # log logit scale when the vision checkpoint has no learned one (timm EVA02 folders without the
+    # open_clip weights, vision-only folders); the checkpoint's own scale always wins (the paper keeps it).
+    # None: ln 100 (clip loss; where pretrained CLIPs end), ln 10 (siglip).
+    logit_scale_init: Optional[float] = None
 
 
 @dataclass
@@ -48,6 +52,10 @@ class Stage2DataConfig:
     dense_ratio: float = 0.75  # paper's ablation: 75% dense best, 0% and 100% worst
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     num_workers: int = 2
+    # Samples per shuffle block of each loader stream, read interleaved from 4 open shards and emitted in a
+    # seeded order (see llm2clip/data/streams.py). Memory: this many *encoded* samples (JPEG bytes + one
+    # embedding's .npy bytes) per loader worker and dataset; a resume re-reads at most one block. 1 = off.
+    shuffle_buffer: int = 2000
     # Train for this many passes over the data: sets train.max_steps from the shards' sample counts.
     # Exact (every sample seen `epochs` times) when shards split evenly over ranks x workers; else a warning.
     epochs: Optional[float] = None
@@ -68,6 +76,8 @@ class Stage2DataConfig:
             raise ConfigError("data.dense_ratio < 1 needs data.original_fields")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError("data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("data.shuffle_buffer must be >= 1 (1 = no sample shuffling)")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError("data.epochs must be > 0")
         if self.missing_sidecars == "embed" and not self.embed_config:

@@ -366,6 +366,11 @@ def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None =
     embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names}, skip_keys=before)
     sc = next(embs, None) if img is not None else None
     partial = count is not None  # the shard's later samples belong to another stream: do not drain it
+    base_bytes, base_samples = stats.bytes_read, stats.samples_read
+
+    def sync() -> None:  # read counters up to date before each yield, so callers can take deltas
+        stats.bytes_read = base_bytes + rs_img.bytes_read + rs_sc.bytes_read
+        stats.samples_read = base_samples + rs_img.samples
 
     def skip(kind: str, key: str) -> None:
         n = getattr(stats, kind) + 1
@@ -386,6 +391,7 @@ def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None =
                     skip("image_only", ki)
                 else:
                     stats.joined += 1
+                    sync()
                     yield {"__key__": ki, "__shard__": image_shard, "__index__": img["__index__"], "jpg": image,
                            "emb": out}
                 img, sc = next(imgs, None), next(embs, None)
@@ -403,10 +409,9 @@ def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None =
             sc = next(embs, None)
     finally:
         stats.read_errors.extend(rs_img.read_errors + rs_sc.read_errors)
-        stats.bytes_read += rs_img.bytes_read + rs_sc.bytes_read
-        stats.samples_read += rs_img.samples
         embs.close()
         imgs.close()
+        sync()
 
 
 _MAX_NAMED = 5

@@ -1,19 +1,22 @@
 """Stage-2 batches: image shards joined to their embedding sidecars, exactly resumable mid-epoch.
 
-The data is split into S = world x workers logical streams. Stream s reads its own shards
-(`shards[s::S]` per dataset, or every shard keeping every S-th sample when there are fewer shards
-than streams), visits them in a seeded order per epoch, and draws each sample's dataset, caption
-field and crop from RNGs keyed by (seed, stream, counter) or (seed, epoch, key). A stream's position
-is therefore a few integers, carried back with every batch. PyTorch's DataLoader returns batches
-round-robin over workers, so after resuming at batch b the loader's worker w plays logical stream
-(w + b) mod workers: the sequence of batches continues exactly as without the interruption.
-Streams are endless (epochs roll over per stream); steps, not epochs, bound training.
+The data is split into S = world x workers logical streams; `llm2clip.data.streams` says which
+samples each stream owns (whole shards, or sample ranges of shards when there are fewer shards than
+streams: every sample is read once per epoch) and reads them through a seeded block shuffle over
+several open shards (`data.shuffle_buffer` samples). Each sample's dataset, caption field and crop
+come from RNGs keyed by (seed, stream, counter) or (seed, epoch, key), and only the chosen field's
+embedding is decoded. A stream's position is therefore a few integers per dataset, carried back with
+every batch together with its counters (skips per reason, samples and bytes read). PyTorch's
+DataLoader returns batches round-robin over workers, so after resuming at batch b the loader's
+worker w plays logical stream (w + b) mod workers: the sequence of batches continues exactly as
+without the interruption. The stream states belong to one topology (world x workers); `check_topology`
+refuses another one. Streams are endless (epochs roll over per stream); steps, not epochs, bound
+training.
 """
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,8 +24,10 @@ import torch
 from PIL import Image
 
 from llm2clip.data.rng import keyed_rng
-from llm2clip.data.shards import IMAGE_EXTS, expand_shards, get_caption, image_member, iter_tar_samples, shard_size
-from llm2clip.data.sidecar import JoinStats, iter_joined, sidecar_path_for
+from llm2clip.data.shards import (IMAGE_EXTS, ReadStats, expand_shards, get_caption, image_member, iter_tar_samples,
+                                  shard_size)
+from llm2clip.data.sidecar import JoinStats, decode_npy, iter_joined, read_manifest, sidecar_path_for
+from llm2clip.data.streams import ShuffledReader, Unit, assign_units, unit_count
 from llm2clip.data.transforms import train_transform
 from llm2clip.schema_embed import field_name
 from llm2clip.schema_stage2 import Stage2DataConfig
@@ -47,27 +52,41 @@ def dataset_weights(datasets: list[list[str]], weights: list[float]) -> list[flo
     return [float(s) for s in sizes]
 
 
+def shard_sizes(shards: list[str], sidecar_cfg: Any = None) -> list[int | None]:
+    """Sample count per image shard: the sidecar manifest's `image_samples` (offline mode), else
+    `shard_size` (img2dataset `_stats.json` / `sizes.json`), else None."""
+    out: list[int | None] = []
+    for sh in shards:
+        n = None
+        if sidecar_cfg is not None:
+            m = read_manifest(sidecar_path_for(sh, sidecar_cfg))
+            n = m.get("image_samples") if m else None
+        out.append(int(n) if n is not None else shard_size(sh))
+    return out
+
+
+def stream_count(world: int, workers: int) -> int:
+    return world * max(workers, 1)
+
+
 def steps_for_epochs(datasets: list[list[str]], epochs: float, micro_batch: int, world: int, workers: int,
-                     grad_accum: int = 1) -> tuple[int, str | None]:
+                     grad_accum: int = 1, sizes: list[list[int | None]] | None = None) -> tuple[int, str | None]:
     """Optimizer steps for `epochs` passes over all samples, and a warning when the logical streams
     (world x workers, see the module docstring) hold unequal sample counts: then streams reach their
     epoch boundaries at different steps and "epochs" is approximate."""
     from math import ceil
 
-    S = world * max(workers, 1)
+    S = stream_count(world, workers)
     per_stream = [0] * S
-    for shards in datasets:
-        sizes = [shard_size(s) for s in shards]
-        missing = [s for s, n in zip(shards, sizes) if n is None]
+    for d, shards in enumerate(datasets):
+        sz = sizes[d] if sizes is not None else [shard_size(s) for s in shards]
+        missing = [s for s, n in zip(shards, sz) if n is None]
         if missing:
             raise ValueError(f"data.epochs needs sample counts, but {missing[0]} has no _stats.json / sizes.json "
                              "entry; set train.max_steps instead")
-        if len(shards) >= S:
-            for i, n in enumerate(sizes):
-                per_stream[i % S] += n
-        else:  # every stream reads all shards and keeps every S-th sample
-            for s in range(S):
-                per_stream[s] += sum(len(range(s, n, S)) for n in sizes)
+        size_of = dict(zip(shards, sz))
+        for s in range(S):
+            per_stream[s] += sum(unit_count(u, size_of[u.shard]) for u in assign_units(shards, sz, S, s))
     total = sum(per_stream)
     steps = max(1, ceil(epochs * total / (micro_batch * world * grad_accum)))
     warn = None
@@ -81,33 +100,33 @@ def steps_for_epochs(datasets: list[list[str]], epochs: float, micro_batch: int,
     return steps, warn
 
 
-@dataclass
-class StreamSpec:
-    stream: int
-    n_streams: int
+class TopologyError(RuntimeError):
+    """The saved data position belongs to another world size x loader workers."""
 
 
-class _DatasetCursor:
-    """Position of one logical stream inside one dataset: (epoch, shard position, samples consumed)."""
+def check_topology(saved: dict | None, world: int, workers: int, reset: bool) -> dict | None:
+    """The data state to resume from: `saved` when it was written by the same world x workers, None
+    (start the data position fresh) when `reset`; otherwise a TopologyError. Stream states cannot be
+    remapped exactly: the streams' sample ranges and shuffle orders depend on their number."""
+    if not saved:
+        return None
+    old = saved.get("topology")
+    new = [world, max(workers, 1)]
+    if reset:
+        log.warning(f"run.reset_data_position=true: the data position restarts from the beginning (saved "
+                    f"topology {old}, now {new[0]} ranks x {new[1]} workers)")
+        return None
+    if old is not None and list(old) != new:
+        raise TopologyError(
+            f"the checkpoint's data position was written by {old[0]} ranks x {old[1]} loader workers, but this "
+            f"run has {new[0]} ranks x {new[1]} workers: the data streams cannot be remapped exactly. Resume with "
+            f"the old topology, or start the data position fresh with --set run.reset_data_position=true "
+            "(the model and optimizer still resume; samples may repeat or be skipped in this epoch)")
+    return saved
 
-    def __init__(self, shards: list[str], spec: StreamSpec, seed: int, name: str, state: dict | None):
-        S, s = spec.n_streams, spec.stream
-        if len(shards) >= S:
-            self.shards, self.stride, self.phase = shards[s::S], 1, 0
-        else:
-            self.shards, self.stride, self.phase = shards, S, s
-        self.seed, self.name = seed, name
-        st = state or {}
-        self.epoch, self.pos, self.offset = st.get("epoch", 0), st.get("pos", 0), st.get("offset", 0)
-        self._it: Iterator | None = None
 
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset}
-
-    def _order(self) -> list[str]:
-        order = list(self.shards)
-        keyed_rng(self.seed, self.name, "order", self.epoch, self.phase).shuffle(order)
-        return order
+_DRAW_STATS = ("corrupt_images", "no_caption", "bad_embedding")  # counted when a sample is drawn
+_MAX_NAMED = 5  # skipped samples named in the log per reason and stream
 
 
 class Stage2Stream(torch.utils.data.IterableDataset):
@@ -121,46 +140,70 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.online = rank, world, online
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.datasets = dataset_shards(cfg.shards)
+        # counts read once here (workers inherit them): they decide every stream's sample ranges
+        self.sizes = [shard_sizes(sh, None if online else cfg.sidecar) for sh in self.datasets]
         self.weights = dataset_weights(self.datasets, cfg.weights)
         self.fingerprint = expected_fingerprint
         start = start or {}
         self.worker_states: dict[int, dict] = {int(k): v for k, v in start.get("workers", {}).items()}
         self.rotate = int(start.get("batches", 0))
+        self.fields = list(dict.fromkeys(cfg.dense_fields + cfg.original_fields))
 
     # ---- per-worker generator ----------------------------------------------------------------
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
         nw, w = (wi.num_workers, wi.id) if wi else (1, 0)
         logical = (w + self.rotate) % nw
-        spec = StreamSpec(self.rank * nw + logical, self.world * nw)
+        stream, S = self.rank * nw + logical, stream_count(self.world, nw)
         st = self.worker_states.get(logical, {})
-        cursors = [_DatasetCursor(sh, spec, self.seed, f"ds{i}", st.get("datasets", [None] * len(self.datasets))[i])
+        saved = st.get("datasets", [None] * len(self.datasets))
+        readers = [ShuffledReader(assign_units(sh, self.sizes[i], S, stream), self._read_unit, self.seed,
+                                  f"ds{i}.s{stream}", self.cfg.shuffle_buffer, saved[i])
                    for i, sh in enumerate(self.datasets)]
         counter = st.get("counter", 0)
-        stats = dict(st.get("stats", {"corrupt_images": 0, "no_caption": 0, "skipped_join": 0}))
-        gens = [self._samples(c, stats) for c in cursors]
+        stats = {k: st.get("stats", {}).get(k, 0) for k in _DRAW_STATS}
+        gens = [iter(r) for r in readers]
         tf = train_transform(self.image_size, self.mean, self.std, scale=tuple(self.cfg.crop_scale))
+
+        def skip(reason: str, msg: str) -> None:
+            stats[reason] += 1
+            if stats[reason] <= _MAX_NAMED:
+                log.warning(f"{msg}; skipped (counted in data/{reason})")
+
         while True:
             items = []
             while len(items) < self.micro_batch:
-                k = keyed_rng(self.seed, "dataset", spec.stream, counter).choices(range(len(cursors)), self.weights)[0]
+                k = keyed_rng(self.seed, "dataset", stream, counter).choices(range(len(readers)), self.weights)[0]
                 counter += 1
-                item = next(gens[k])
-                key, img_bytes, text = item
+                key, img_bytes, texts, shard = next(gens[k])
+                epoch = readers[k].epoch
+                chosen = self._choose_field(key, epoch, list(texts))
+                if chosen is None:
+                    skip("no_caption", f"{shard}: sample '{key}' has none of the caption fields {self.fields}")
+                    continue
+                text = texts[chosen]
+                if not self.online:
+                    try:  # only the chosen field's embedding is decoded
+                        text = decode_npy(text)
+                    except (ValueError, OSError, EOFError) as e:
+                        skip("bad_embedding", f"{shard}: embedding '{key}.{field_name(chosen)}.npy' does not decode ({e})")
+                        continue
                 try:
                     with Image.open(io.BytesIO(img_bytes)) as im:
                         im.load()
-                        pixels = tf(im, rng=keyed_rng(self.seed, "crop", key, cursors[k].epoch))
+                        pixels = tf(im, rng=keyed_rng(self.seed, "crop", key, epoch))
                 except Exception as e:  # noqa: BLE001 - any decode failure: skip and count
-                    stats["corrupt_images"] += 1
-                    if stats["corrupt_images"] <= 5:
-                        log.warning(f"corrupt image in sample '{key}' ({e}); skipped")
+                    skip("corrupt_images", f"{shard}: image of sample '{key}' does not decode ({e})")
                     continue
                 items.append((key, pixels, text))
+            merged = dict(stats)
+            for r in readers:
+                for name, v in r.stats.items():
+                    merged[name] = merged.get(name, 0) + v
             batch = {"pixels": torch.stack([p for _, p, _ in items]), "keys": [k for k, _, _ in items],
                      "_worker": logical,
-                     "_state": {"datasets": [c.state() for c in cursors], "counter": counter, "stats": dict(stats)},
-                     "_stats": dict(stats)}
+                     "_state": {"datasets": [r.state() for r in readers], "counter": counter, "stats": merged},
+                     "_stats": merged}
             if self.online:
                 batch["captions"] = [t for _, _, t in items]
             else:
@@ -176,46 +219,52 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         pool = (dense or orig) if pick_dense else (orig or dense)
         return r.choice(pool) if pool else None
 
-    def _samples(self, c: _DatasetCursor, stats: dict) -> Iterator[tuple[str, bytes, Any]]:
-        """Endless (key, image bytes, embedding or caption) for one dataset cursor, advancing its state."""
-        fields = list(dict.fromkeys(self.cfg.dense_fields + self.cfg.original_fields))
-        while True:
-            order = c._order()
-            while c.pos < len(order):
-                shard = order[c.pos]
-                skip = c.offset
-                for i, s in enumerate(self._read_shard(shard, fields, stats)):
-                    if i < skip:
-                        continue
-                    c.offset = i + 1
-                    if (s["idx"] % c.stride) != c.phase:
-                        continue
-                    chosen = self._choose_field(s["key"], c.epoch, list(s["texts"]))
-                    if chosen is None:
-                        stats["no_caption"] += 1
-                        continue
-                    yield s["key"], s["jpg"], s["texts"][chosen]
-                c.pos, c.offset = c.pos + 1, 0
-            c.epoch, c.pos, c.offset = c.epoch + 1, 0, 0
-
-    def _read_shard(self, shard: str, fields: list[str], stats: dict) -> Iterator[dict]:
-        """Samples of one shard with index, image bytes and {field spec: embedding or caption}."""
+    def _read_unit(self, unit: Unit, start: int, stats: dict) -> Iterator[tuple[int, tuple]]:
+        """(sample index, (key, image bytes, {field spec: embedding .npy bytes or caption}, shard)) of one
+        unit from sample `start` on; the read-time counters go into `stats` as they accrue."""
+        lo = max(unit.lo, start)
+        count = None if unit.hi is None else max(0, unit.hi - lo)
         if self.online:
-            for s in iter_tar_samples(shard, want={*IMAGE_EXTS, "txt", "json"}):
-                texts = {f: t for f in fields if (t := get_caption(s, f)) is not None}
-                img = image_member(s)
-                if img is None:
-                    stats["skipped_join"] += 1
+            rs = ReadStats()
+            src = iter_tar_samples(unit.shard, rs, skip=lo, count=count, want={*IMAGE_EXTS, "txt", "json"})
+            keep = lambda s: (s, {f: t for f in self.fields if (t := get_caption(s, f)) is not None})  # noqa: E731
+            counters = lambda: {"samples_read": rs.samples, "bytes_read": rs.bytes_read,  # noqa: E731
+                                "read_errors": len(rs.read_errors), "missing_image": missing}
+        else:
+            js = JoinStats()
+            names = {field_name(f): f for f in self.fields}
+            src = iter_joined(unit.shard, sidecar_path_for(unit.shard, self.cfg.sidecar), self.fields,
+                              self.fingerprint, js, start=lo, count=count, decode=False)
+            keep = lambda s: (s, {names[n]: v for n, v in s["emb"].items()})  # noqa: E731
+            counters = lambda: {"samples_read": js.samples_read, "bytes_read": js.bytes_read,  # noqa: E731
+                                "read_errors": len(js.read_errors), "missing_embedding": js.image_only,
+                                "missing_image": js.no_image, "sidecar_only": js.sidecar_only}
+        missing = 0
+        seen: dict[str, int] = {}
+
+        def account() -> None:
+            for name, v in counters().items():
+                stats[name] = stats.get(name, 0) + v - seen.get(name, 0)
+                seen[name] = v
+
+        try:
+            for raw in src:
+                idx = raw["__index__"]
+                if unit.stride > 1 and idx % unit.stride != unit.phase:
                     continue
-                yield {"idx": s["__index__"], "key": s["__key__"], "jpg": img, "texts": texts}
-            return
-        js = JoinStats()
-        names = {field_name(f): f for f in fields}
-        sc = sidecar_path_for(shard, self.cfg.sidecar)
-        for i, s in enumerate(iter_joined(shard, sc, fields, self.fingerprint, js)):
-            texts = {names[n]: v for n, v in s["emb"].items() if n in names}
-            yield {"idx": i, "key": s["__key__"], "jpg": s["jpg"], "texts": texts}
-        stats["skipped_join"] += js.image_only + js.sidecar_only + js.no_image
+                s, texts = keep(raw)
+                img = s["jpg"] if not self.online else image_member(s)
+                if img is None:
+                    missing += 1
+                    if missing <= _MAX_NAMED:
+                        log.warning(f"{unit.shard}: sample '{s['__key__']}' has no image member; skipped "
+                                    "(counted in data/missing_image)")
+                    continue
+                account()
+                yield idx, (s["__key__"], img, texts, unit.shard)
+        finally:
+            src.close()
+            account()
 
 
 def make_loader(ds: Stage2Stream, num_workers: int):

@@ -19,7 +19,9 @@ from llm2clip.config import ConfigError
 from llm2clip.data.shards import IMAGE_EXTS, expand_shards, get_caption, image_member, iter_tar_samples
 from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, iter_joined, load_index, read_manifest,
                                    sidecar_path_for)
-from llm2clip.data.stage2_stream import Stage2Stream, dataset_shards, make_loader, steps_for_epochs
+from llm2clip.data.stage2_stream import (Stage2Stream, check_topology, dataset_shards, make_loader, shard_sizes,
+                                         steps_for_epochs, stream_count)
+from llm2clip.data.streams import check_streams
 from llm2clip.data.transforms import eval_transform
 from llm2clip.engine import resolve_precision, run_training
 from llm2clip.losses.clip import ClipLoss, SigLipLoss
@@ -112,9 +114,13 @@ class Stage2Task:
             raise ConfigError(f"model.llm_dim={cfg.model.llm_dim} but the LLM embeddings are {width} wide "
                               f"(sidecars of {cfg.data.shards}); drop model.llm_dim or re-embed with the right LLM")
         self.llm_dim = width
+        # before any model loads: every data stream (rank x worker) owns samples of every dataset
+        datasets = dataset_shards(cfg.data.shards)
+        sizes = [shard_sizes(sh, None if self.online else cfg.data.sidecar) for sh in datasets]
+        check_streams(datasets, sizes, stream_count(self.world, cfg.data.num_workers))
         if cfg.data.epochs is not None:
-            steps, warn = steps_for_epochs(dataset_shards(cfg.data.shards), cfg.data.epochs, cfg.train.micro_batch_size,
-                                           self.world, cfg.data.num_workers, cfg.train.grad_accum)
+            steps, warn = steps_for_epochs(datasets, cfg.data.epochs, cfg.train.micro_batch_size,
+                                           self.world, cfg.data.num_workers, cfg.train.grad_accum, sizes)
             log.info(f"data.epochs={cfg.data.epochs}: train.max_steps={steps}")
             if warn:
                 log.warning(warn)
@@ -137,7 +143,8 @@ class Stage2Task:
         torch.manual_seed(c.run.seed)  # identical fresh heads on every rank
         self.model = LLM2CLIPModel(tower, self.llm_dim, c.model.embed_dim, c.model.adapter_blocks,
                                    c.model.adapter_expansion, c.model.adapter_dropout,
-                                   logit_bias=c.model.loss == "siglip", text_encoder_info=info)
+                                   logit_bias=c.model.loss == "siglip", logit_scale_init=c.model.logit_scale_init,
+                                   text_encoder_info=info)
         if c.model.save_initial and self.rank == 0:
             self.model.save_pretrained(Path(c.run.output_dir) / "export" / "initial_model")
         return self.model
@@ -151,7 +158,10 @@ class Stage2Task:
     def batches(self, data_state: dict | None) -> Iterator[Any]:
         c = self.cfg
         tower = self.model.tower
-        start = data_state or {}
+        # rank 0's saved topology decides for all ranks (a rank added since the checkpoint has no state)
+        saved = D.broadcast_object(data_state if self.rank == 0 else None)
+        ok = check_topology(saved, self.world, c.data.num_workers, c.run.reset_data_position)
+        start = (data_state or {}) if ok else {}
         self.states = {int(k): v for k, v in start.get("workers", {}).items()}
         self.consumed = int(start.get("batches", 0))
         ds = Stage2Stream(c.data, c.train.micro_batch_size, c.run.seed, self.rank, self.world, tower.image_size,
@@ -166,7 +176,8 @@ class Stage2Task:
         return gen()
 
     def data_state(self) -> dict:
-        return {"workers": {str(k): v for k, v in self.states.items()}, "batches": self.consumed}
+        return {"workers": {str(k): v for k, v in self.states.items()}, "batches": self.consumed,
+                "topology": [self.world, max(self.cfg.data.num_workers, 1)]}
 
     def _data_counters(self) -> dict[str, float]:
         """This rank's counters, summed over its loader workers (numbers only, whatever keys they carry)."""
