@@ -184,6 +184,56 @@ def test_timm_missing_is_clear(tmp_path):
     assert "torchvision" in str(e.value)
 
 
+def test_logit_scale_init_rule():
+    from llm2clip.model.clip_model import initial_logit_scale
+
+    assert initial_logit_scale(4.2, 2.0) == pytest.approx(4.2)  # the source checkpoint's scale first
+    assert initial_logit_scale(None, 2.0) == pytest.approx(2.0)  # else the configured value
+    assert initial_logit_scale(None, None) == pytest.approx(math.log(100.0))  # else where pretrained CLIPs end
+    assert initial_logit_scale(None, None, logit_bias=True) == pytest.approx(math.log(10.0))  # SigLIP
+
+
+def test_checkpoint_logit_scale_from_open_clip_file(tmp_path):
+    """EVA02-CLIP hub folders keep the whole open_clip checkpoint (with logit_scale) beside the timm weights."""
+    from safetensors.torch import save_file
+
+    from llm2clip.vision.towers import checkpoint_logit_scale
+
+    assert checkpoint_logit_scale(tmp_path) is None
+    save_file({"visual.trunk.pos_embed": torch.zeros(1, 2, 4)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_logit_scale(tmp_path) is None
+    save_file({"logit_scale": torch.tensor(4.6), "visual.trunk.pos_embed": torch.zeros(1, 2, 4)},
+              str(tmp_path / "open_clip_model.safetensors"))
+    assert checkpoint_logit_scale(tmp_path) == pytest.approx(4.6)
+
+
+def _timm_folder(root, logit_scale: float | None):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    arch = "eva02_tiny_patch14_224"  # EVA02 blocks (rope, swiglu), the paper's tower family, 5.5M params
+    m = timm.create_model(arch, pretrained=False, num_classes=0)
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0,
+                                                  "pretrained_cfg": {"input_size": [3, 224, 224]}}))
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(root / "model.safetensors"))
+    if logit_scale is not None:
+        save_file({"logit_scale": torch.tensor(logit_scale)}, str(root / "open_clip_model.safetensors"))
+    return root
+
+
+def test_timm_tower_keeps_logit_scale(tmp_path):
+    with_scale = build_vision_tower("auto", _timm_folder(tmp_path / "eva", 4.4))
+    assert with_scale.kind == "timm" and with_scale.logit_scale_init == pytest.approx(4.4)
+    m = LLM2CLIPModel(with_scale, llm_dim=16, embed_dim=12, logit_scale_init=1.0)
+    assert m.logit_scale.item() == pytest.approx(4.4)
+    bare = build_vision_tower("auto", _timm_folder(tmp_path / "eva_bare", None))
+    assert bare.logit_scale_init is None
+    assert LLM2CLIPModel(bare, llm_dim=16, embed_dim=12, logit_scale_init=1.5).logit_scale.item() == pytest.approx(1.5)
+    assert LLM2CLIPModel(bare, llm_dim=16, embed_dim=12).logit_scale.item() == pytest.approx(math.log(100.0))
+    assert m.encode_image(_pixels(size=224)).shape == (2, 12)
+
+
 def test_tower_config_roundtrip(folders):
     for key in ("clip", "siglip_vision", "siglip2_vision"):
         t = build_vision_tower("auto", folders[key]).eval()
@@ -212,7 +262,12 @@ def test_model_forward_and_clamp(folders):
     m.clamp_logit_scale()
     assert m.logit_scale.item() == pytest.approx(math.log(100.0))
     default = LLM2CLIPModel(build_vision_tower("auto", folders["clip_vision"]), llm_dim=16, embed_dim=12)
-    assert default.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert default.logit_scale.item() == pytest.approx(math.log(100.0))  # no scale in the folder
+    configured = LLM2CLIPModel(build_vision_tower("auto", folders["clip_vision"]), llm_dim=16, embed_dim=12,
+                               logit_scale_init=2.0)
+    assert configured.logit_scale.item() == pytest.approx(2.0)
+    kept = LLM2CLIPModel(build_vision_tower("auto", folders["clip"]), llm_dim=16, embed_dim=12, logit_scale_init=2.0)
+    assert kept.logit_scale.item() == pytest.approx(3.0)  # the checkpoint's learned scale wins
     sig = LLM2CLIPModel(build_vision_tower("auto", folders["siglip"]), llm_dim=16, embed_dim=12, logit_bias=True)
     out = sig(_pixels(), torch.randn(2, 16))
     assert len(out) == 4 and out[3].item() == pytest.approx(-7.0)

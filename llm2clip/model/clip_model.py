@@ -22,12 +22,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm2clip.model.adapter import LLMAdapter
-from llm2clip.vision.towers import CLIP_LOGIT_SCALE_INIT, VisionTower
+from llm2clip.vision.towers import VisionTower
 
 CONFIG_NAME = "llm2clip_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 MAX_LOGIT_SCALE = math.log(100.0)
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+
+
+def initial_logit_scale(checkpoint: float | None, configured: float | None, logit_bias: bool = False) -> float:
+    """The log logit scale stage 2 starts from.
+
+    The paper keeps the pretrained CLIP's learned scale, so the source checkpoint's value wins
+    (`checkpoint`: the tower folder's, None when it has none). Else `configured` (model.logit_scale_init),
+    else ln 100 for the CLIP loss (where every pretrained CLIP ends: at lr 1e-5 a scale started at
+    ln(1/0.07) moves ~0.15 in 15k steps and would stay near 16) or ln 10 for SigLIP (its paper's init).
+    """
+    if checkpoint is not None:
+        return float(checkpoint)
+    if configured is not None:
+        return float(configured)
+    return SIGLIP_LOGIT_SCALE_INIT if logit_bias else MAX_LOGIT_SCALE
 
 
 class LLM2CLIPModel(nn.Module):
@@ -39,8 +55,8 @@ class LLM2CLIPModel(nn.Module):
       embed_dim: joint embedding width (paper: 1280).
       adapter_blocks / adapter_expansion / adapter_dropout: see LLMAdapter.
       logit_bias: add a learnable bias (needed by SigLipLoss).
-      logit_scale_init: log-scale init; default: the tower's (the paper keeps the learned scale),
-        else ln(1/0.07) (CLIP) or ln(10) (with logit_bias, SigLIP).
+      logit_scale_init: log-scale init used when the tower's checkpoint has no learned scale; see
+        `initial_logit_scale` (the checkpoint's scale always wins, as in the paper).
       logit_bias_init: default the tower's, else -10 (SigLIP paper).
       text_encoder_info: free-form JSON-able dict describing the LLM that produced the embeddings
         (path, fingerprint, pooling...); stored in the saved config, used in error messages.
@@ -62,12 +78,9 @@ class LLM2CLIPModel(nn.Module):
         self.adapter = LLMAdapter(llm_dim, embed_dim, adapter_blocks, adapter_expansion, adapter_dropout,
                                   source=str(source))
         self._adapter_cfg = {"num_blocks": adapter_blocks, "expansion": adapter_expansion, "dropout": adapter_dropout}
-        if logit_scale_init is None:
-            logit_scale_init = tower.logit_scale_init
-        if logit_scale_init is None:
-            logit_scale_init = math.log(10.0) if logit_bias else CLIP_LOGIT_SCALE_INIT
+        init = initial_logit_scale(tower.logit_scale_init, logit_scale_init, logit_bias)
         # shape [1], not a scalar: DeepSpeed cannot broadcast 0-dim parameters
-        self.logit_scale = nn.Parameter(torch.tensor([float(logit_scale_init)]))
+        self.logit_scale = nn.Parameter(torch.tensor([init]))
         if logit_bias:
             b = logit_bias_init if logit_bias_init is not None else tower.logit_bias_init
             self.logit_bias: nn.Parameter | None = nn.Parameter(torch.tensor([float(-10.0 if b is None else b)]))

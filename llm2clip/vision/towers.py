@@ -27,7 +27,9 @@ from llm2clip.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+# Files of a timm / open_clip folder that may hold the whole CLIP checkpoint (with its learned logit
+# scale) besides the vision weights; safetensors only, never unpickled.
+_SCALE_FILES = ("open_clip_model.safetensors", "model.safetensors")
 
 KINDS = ("hf_clip", "hf_siglip", "timm", "auto")
 _CLIP_TYPES = ("clip", "clip_vision_model")
@@ -380,5 +382,25 @@ def _load_timm(folder: Path, cfg: dict[str, Any], image_size: int | None, dtype:
     pc.update(getattr(model, "pretrained_cfg", {}) or {})
     size = image_size or int((pc.get("input_size") or (3, 224, 224))[-1])
     return VisionTower("timm", model, proj=None, image_size=size, mean=pc.get("mean", OPENAI_CLIP_MEAN),
-                       std=pc.get("std", OPENAI_CLIP_STD), logit_scale_init=None, logit_bias_init=None,
-                       timm_arch=arch, timm_kwargs=kwargs)
+                       std=pc.get("std", OPENAI_CLIP_STD), logit_scale_init=checkpoint_logit_scale(folder),
+                       logit_bias_init=None, timm_arch=arch, timm_kwargs=kwargs)
+
+
+def checkpoint_logit_scale(folder: str | Path) -> float | None:
+    """The learned log logit scale a timm / open_clip tower folder carries, or None.
+
+    EVA02-CLIP folders on the hub hold the whole open_clip checkpoint (`open_clip_model.safetensors`,
+    top-level tensor `logit_scale`, a log scale, ~ln 100 after pretraining) next to the timm vision
+    weights; some single-file exports keep `logit_scale` in `model.safetensors`. Only the header and
+    that one tensor are read.
+    """
+    from safetensors import safe_open
+
+    for name in _SCALE_FILES:
+        f = Path(folder) / name
+        if not f.is_file():
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            if "logit_scale" in st.keys():
+                return float(st.get_tensor("logit_scale").float().reshape(-1)[0])
+    return None
