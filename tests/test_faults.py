@@ -252,3 +252,40 @@ def test_preflight_names_caption_fields_no_shard_has(tiny_world, tmp_path):
     assert path == "json:short_alt"
     assert "00000.tar: json:caption, json:status, json:url, txt" in what and "00001.tar: (empty shard)" in what
     assert "1 of these fields exist" in by_key["data.sources[0].fields"][1]
+
+
+# ---- metrics after a resume --------------------------------------------------------------------
+
+def test_metrics_rows_of_replayed_steps_are_replaced(tmp_path):
+    """A run logged steps 1..10 (and a half-written line) but checkpointed at 6: the resumed run replays 7..10
+    and each step keeps one row, in metrics.jsonl and in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from llm2clip.logger import MetricLogger
+    first = MetricLogger(str(tmp_path), tensorboard=True)
+    for s in range(1, 11):
+        first.log(s, {"train/loss": 1.0})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "train/lo')  # killed mid-line
+    second = MetricLogger(str(tmp_path), tensorboard=True, resume_step=6)
+    for s in range(7, 11):
+        second.log(s, {"train/loss": 2.0})
+    second.log(10, {})  # an empty evaluation writes no row
+    second.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["train/loss"] for r in rows] == [1.0] * 6 + [2.0] * 4
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(s, 1.0 if s <= 6 else 2.0) for s in range(1, 11)]
+    MetricLogger(str(tmp_path), tensorboard=False, resume_step=0).close()  # a fresh start keeps nothing
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_jsonl_error_reads_once(tmp_path):
+    from llm2clip.eval.readers import AnnotationError, _iter_jsonl
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"image": "a.jpg"}\n{"image": "b.jpg", "caption": "never closed\n')
+    with pytest.raises(AnnotationError) as e:
+        list(_iter_jsonl(str(p)))
+    assert f"{p}:2: invalid JSON (Unterminated string starting at: column 34)" in str(e.value), str(e.value)

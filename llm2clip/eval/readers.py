@@ -185,7 +185,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise AnnotationError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise AnnotationError(f"{path}:{lineno}: invalid JSON ({e.msg}: column {e.colno})") from e
 
 
 def _load_json(path: str) -> Any:
@@ -193,7 +193,7 @@ def _load_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        raise AnnotationError(f"{path}:{e.lineno}: invalid JSON ({e.msg}: column {e.colno})") from e
 
 
 def _iter_json_array(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, int, Any]]:

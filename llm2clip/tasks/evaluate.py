@@ -113,7 +113,7 @@ def read_cra(name: str, cfg: EvalCRAConfig) -> CaptionPairs:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise AnnotationError(f"{cfg.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                    raise AnnotationError(f"{cfg.path}:{lineno}: invalid JSON ({e.msg}: column {e.colno})") from e
                 if not isinstance(row, dict):
                     raise AnnotationError(f"{cfg.path}:{lineno}: expected a JSON object with keys {f1!r}, {f2!r}")
                 if add(f"{cfg.path}:{lineno}", row.get(f1), row.get(f2)):
