@@ -1,9 +1,12 @@
 """Stage-1 caption pairs: from the caption fields of image shards, and from JSONL text-pair files.
 
-Exactly resumable without buffering state: within an epoch each rank visits its shards in a seeded
-order and each shard's records in a seeded order, and every random choice (which two captions,
-which direction, which hard negative) is a pure function of (seed, epoch, shard, record). The
-state is therefore three integers per source plus the batch counter.
+Shard sources are split over ranks by `llm2clip.data.streams` (whole shards or sample ranges: each
+sample read by one rank once per epoch; only the caption members are read, image data is seeked
+over) and read through its seeded block shuffle (`data.shuffle_buffer` records from up to 4 open
+shards). Every random choice (which two captions, which direction, which hard negative from the
+block) is a pure function of (seed, epoch, shard, record), so a source's state is a few integers
+(the reader's position at its block start) plus the previous example's positive; with the batch
+counter that makes the stream exactly resumable.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llm2clip.data.rng import keyed_rng
-from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples
+from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
+from llm2clip.data.streams import ShuffledReader, Unit, assign_units
 from llm2clip.schema import PairSourceConfig, Stage1DataConfig
 
 log = logging.getLogger("llm2clip")
@@ -31,77 +35,85 @@ class Example:
 
 class ShardPairSource:
     """Positive pairs = two different caption fields of one sample; hard negative = the positive's
-    field of another sample of the same shard."""
+    field of another sample of the same shuffle block (records of up to 4 shards; see data/streams.py).
+    A block holding a single record takes the previous example's positive as its negative."""
 
-    def __init__(self, cfg: PairSourceConfig, seed: int, rank: int, world: int, name: str):
-        self.cfg, self.seed, self.name = cfg, seed, name
+    def __init__(self, cfg: PairSourceConfig, seed: int, rank: int, world: int, name: str,
+                 shuffle_buffer: int = 1000, negatives: bool = True):
+        self.cfg, self.seed, self.name, self.negatives = cfg, seed, f"{name}.r{rank}", negatives
         shards = expand_shards(cfg.path)
-        # Disjoint shards per rank when there are enough; otherwise every rank reads all shards and
-        # keeps every world-th record.
-        if len(shards) >= world:
-            self.shards, self.stride, self.phase = shards[rank::world], 1, 0
-        else:
-            self.shards, self.stride, self.phase = shards, world, rank
+        self.units = assign_units(shards, [shard_size(s) for s in shards], world, rank)
+        self.buffer = shuffle_buffer
         self.has_negatives = True
-        self.epoch, self.pos, self.offset = 0, 0, 0
-        self._records: list[tuple[str, str, list[tuple[str, str]]]] | None = None
-        self.skipped = 0
-        self.read = ReadStats()
+        self._saved: dict[str, Any] | None = None
+        self._reader: ShuffledReader | None = None
+        self._it: Iterator | None = None
+        self._last: list[str] | None = None  # [key, positive] of the previous example
+
+    @property
+    def skipped(self) -> int:
+        return (self._reader.stats if self._reader else (self._saved or {}).get("stats", {})).get("skipped", 0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset, "skipped": self.skipped}
+        st = self._reader.state() if self._reader is not None else dict(self._saved or {})
+        return {**st, "last": self._last}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        self.epoch, self.pos, self.offset = st["epoch"], st["pos"], st["offset"]
-        self.skipped = st.get("skipped", 0)
-        self._records = None
+        self._saved, self._last = dict(st), st.get("last")
+        self._reader = self._it = None
 
-    def _order(self) -> list[int]:
-        order = list(range(len(self.shards)))
-        keyed_rng(self.seed, self.name, "shards", self.epoch).shuffle(order)
-        return order
+    def _read_unit(self, unit: Unit, start: int, stats: dict) -> Iterator[tuple[int, tuple]]:
+        """(sample index, (shard, key, [(field, caption)])) of one unit's samples with >= 2 captions."""
+        rs = ReadStats()
+        lo = max(unit.lo, start)
+        count = None if unit.hi is None else max(0, unit.hi - lo)
+        seen = {"samples_read": 0, "bytes_read": 0, "read_errors": 0}
 
-    def _load(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
-        shard = self.shards[self._order()[self.pos]]
-        recs = []
-        want = field_extensions(self.cfg.fields)
-        for i, s in enumerate(iter_tar_samples(shard, self.read, want=want)):
-            if i % self.stride != self.phase:
-                continue
-            caps = [(f, c) for f in self.cfg.fields if (c := get_caption(s, f)) is not None]
-            if len(caps) < 2:
-                self.skipped += 1
-                if self.skipped <= _MAX_NAMED:
-                    missing = [f for f in self.cfg.fields if f not in {x for x, _ in caps}]
-                    log.warning(f"{shard}: sample '{s['__key__']}' lacks caption field(s) {missing} (missing or "
-                                f"empty); skipped (counted in data/skipped)")
-                continue
-            recs.append((shard, s["__key__"], caps))
-        keyed_rng(self.seed, self.name, "records", self.epoch, shard).shuffle(recs)
-        if len(recs) == 1:
-            raise ValueError(f"{shard}: only one usable sample; hard negatives need at least two per shard "
-                             "(set data.hard_negatives=false or use larger shards)")
-        return recs
+        def account() -> None:
+            for k, v in (("samples_read", rs.samples), ("bytes_read", rs.bytes_read),
+                         ("read_errors", len(rs.read_errors))):
+                stats[k] = stats.get(k, 0) + v - seen[k]
+                seen[k] = v
+
+        src = iter_tar_samples(unit.shard, rs, skip=lo, count=count, want=field_extensions(self.cfg.fields))
+        try:
+            for s in src:
+                if unit.stride > 1 and s["__index__"] % unit.stride != unit.phase:
+                    continue
+                caps = [(f, c) for f in self.cfg.fields if (c := get_caption(s, f)) is not None]
+                if len(caps) < 2:
+                    stats["skipped"] = stats.get("skipped", 0) + 1
+                    if stats["skipped"] <= _MAX_NAMED:
+                        missing = [f for f in self.cfg.fields if f not in {x for x, _ in caps}]
+                        log.warning(f"{unit.shard}: sample '{s['__key__']}' lacks caption field(s) {missing} "
+                                    "(missing or empty); skipped (counted in data/skipped)")
+                    continue
+                account()
+                yield s["__index__"], (unit.shard, s["__key__"], caps)
+        finally:
+            src.close()
+            account()
 
     def next(self) -> Example:
-        while True:
-            if self._records is None:
-                self._records = self._load()
-            if self.offset < len(self._records):
-                break
-            self._records, self.offset = None, 0
-            self.pos += 1
-            if self.pos >= len(self.shards):
-                self.pos, self.epoch = 0, self.epoch + 1
-        recs = self._records
-        shard, key, caps = recs[self.offset]
-        r = keyed_rng(self.seed, self.name, "pair", self.epoch, shard, key)
+        if self._it is None:
+            self._reader = ShuffledReader(self.units, self._read_unit, self.seed, self.name, self.buffer, self._saved)
+            self._it = iter(self._reader)
+        shard, key, caps = next(self._it)
+        r = keyed_rng(self.seed, self.name, "pair", self._reader.epoch, shard, key)
         (fq, q), (fp, p) = r.sample(caps, 2)  # random pair of distinct fields, random direction
-        j = r.randrange(len(recs) - 1)
-        j = j + 1 if j >= self.offset else j
-        other = dict(recs[j][2])
-        neg = other.get(fp) or next(iter(other.values()))
-        self.offset += 1
+        neg = None
+        if self.negatives:
+            block, i = self._reader.block, self._reader.drawn - 1
+            if len(block) > 1:
+                j = r.randrange(len(block) - 1)
+                other = dict(block[j + 1 if j >= i else j][2])
+                neg = other.get(fp) or next(iter(other.values()))
+            elif self._last is not None and self._last[0] != f"{shard}/{key}":
+                neg = self._last[1]
+            else:
+                raise ValueError(f"{shard}: '{key}' is the only usable caption sample of this rank's data, so it has "
+                                 "no hard negative; set data.hard_negatives=false or add data")
+        self._last = [f"{shard}/{key}", p]
         return Example(q, p, neg, f"{Path(shard).name}/{key}")
 
 
@@ -156,17 +168,21 @@ class PairStream:
     """
 
     def __init__(self, cfg: Stage1DataConfig, micro_batch: int, seed: int, rank: int, world: int):
-        self.cfg, self.micro_batch, self.seed, self.rank = cfg, micro_batch, seed, rank
+        self.cfg, self.micro_batch, self.seed, self.rank, self.world = cfg, micro_batch, seed, rank, world
         self.sources = []
         for i, s in enumerate(cfg.sources):
             cls = ShardPairSource if s.kind == "shards" else JsonlPairSource
-            self.sources.append(cls(s, seed, rank, world, f"src{i}"))
+            if s.kind == "shards":
+                self.sources.append(cls(s, seed, rank, world, f"src{i}", cfg.shuffle_buffer, cfg.hard_negatives))
+            else:
+                self.sources.append(cls(s, seed, rank, world, f"src{i}"))
         self.weights = [s.weight for s in cfg.sources]
         self.batch_index = 0
         self.use_neg_mixed = cfg.hard_negatives and all(s.has_negatives for s in self.sources)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_index": self.batch_index, "sources": [s.state_dict() for s in self.sources]}
+        return {"batch_index": self.batch_index, "sources": [s.state_dict() for s in self.sources],
+                "topology": [self.world, 1]}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.batch_index = st["batch_index"]

@@ -27,7 +27,7 @@ from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import (IMAGE_EXTS, ReadStats, expand_shards, get_caption, image_member, iter_tar_samples,
                                   shard_size)
 from llm2clip.data.sidecar import JoinStats, decode_npy, iter_joined, read_manifest, sidecar_path_for
-from llm2clip.data.streams import ShuffledReader, Unit, assign_units, unit_count
+from llm2clip.data.streams import ShuffledReader, TopologyError, Unit, assign_units, check_topology, unit_count  # noqa: F401
 from llm2clip.data.transforms import train_transform
 from llm2clip.schema_embed import field_name
 from llm2clip.schema_stage2 import Stage2DataConfig
@@ -98,31 +98,6 @@ def steps_for_epochs(datasets: list[list[str]], epochs: float, micro_batch: int,
         warn = (f"data.epochs={epochs}: each of the {S} data streams holds {per_stream[0]} samples, which "
                 f"train.micro_batch_size={micro_batch} does not divide, so epochs are approximate")
     return steps, warn
-
-
-class TopologyError(RuntimeError):
-    """The saved data position belongs to another world size x loader workers."""
-
-
-def check_topology(saved: dict | None, world: int, workers: int, reset: bool) -> dict | None:
-    """The data state to resume from: `saved` when it was written by the same world x workers, None
-    (start the data position fresh) when `reset`; otherwise a TopologyError. Stream states cannot be
-    remapped exactly: the streams' sample ranges and shuffle orders depend on their number."""
-    if not saved:
-        return None
-    old = saved.get("topology")
-    new = [world, max(workers, 1)]
-    if reset:
-        log.warning(f"run.reset_data_position=true: the data position restarts from the beginning (saved "
-                    f"topology {old}, now {new[0]} ranks x {new[1]} workers)")
-        return None
-    if old is not None and list(old) != new:
-        raise TopologyError(
-            f"the checkpoint's data position was written by {old[0]} ranks x {old[1]} loader workers, but this "
-            f"run has {new[0]} ranks x {new[1]} workers: the data streams cannot be remapped exactly. Resume with "
-            f"the old topology, or start the data position fresh with --set run.reset_data_position=true "
-            "(the model and optimizer still resume; samples may repeat or be skipped in this epoch)")
-    return saved
 
 
 _DRAW_STATS = ("corrupt_images", "no_caption", "bad_embedding")  # counted when a sample is drawn

@@ -97,6 +97,31 @@ def check_streams(datasets: list[list[str]], sizes: list[list[int | None]], n_st
                         "streams reads the whole shard and keeps its share (re-read); add the counts to read once")
 
 
+class TopologyError(RuntimeError):
+    """The saved data position belongs to another world size x loader workers."""
+
+
+def check_topology(saved: dict | None, world: int, workers: int, reset: bool) -> dict | None:
+    """The data state to resume from: `saved` when it was written by the same world x workers, None
+    (start the data position fresh) when `reset`; otherwise a TopologyError. Stream states cannot be
+    remapped exactly: the streams' sample ranges and shuffle orders depend on their number."""
+    if not saved:
+        return None
+    old = saved.get("topology")
+    new = [world, max(workers, 1)]
+    if reset:
+        log.warning(f"run.reset_data_position=true: the data position restarts from the beginning (saved "
+                    f"topology {old}, now {new[0]} ranks x {new[1]} workers)")
+        return None
+    if old is not None and list(old) != new:
+        raise TopologyError(
+            f"the checkpoint's data position was written by {old[0]} ranks x {old[1]} loader workers, but this "
+            f"run has {new[0]} ranks x {new[1]} workers: the data streams cannot be remapped exactly. Resume with "
+            f"the old topology, or start the data position fresh with --set run.reset_data_position=true "
+            "(the model and optimizer still resume; samples may repeat or be skipped in this epoch)")
+    return saved
+
+
 ReadFn = Callable[[Unit, int, dict], Iterator[tuple[int, Any]]]
 
 
@@ -119,6 +144,11 @@ class ShuffledReader:
         self._gens: dict[int, Iterator] = {}
         self._yields: dict[int, int] = {}
         self._restoring = state is not None and "open" in st
+
+    @property
+    def block(self) -> list[Any]:
+        """The current block (its item `drawn - 1` is the one last emitted)."""
+        return self._block
 
     def _snapshot(self) -> dict:
         return {"epoch": self.epoch, "block": self.block_no, "next": self.next_unit, "rr": self.rr,
@@ -178,7 +208,7 @@ class ShuffledReader:
             if epoch_items is not None:
                 epoch_items += len(self._block)
             while self.drawn < len(self._block):
-                item, self._block[self.drawn] = self._block[self.drawn], None
+                item = self._block[self.drawn]
                 self.drawn += 1
                 yield item
             if not self.open and self.next_unit >= len(self.units):  # the epoch is done

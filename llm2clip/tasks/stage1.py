@@ -13,6 +13,7 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
+from llm2clip.data.streams import check_topology
 from llm2clip.engine import build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision, run_training
 from llm2clip.losses.infonce import infonce_loss, text_ids
 from llm2clip.schema import Stage1Config
@@ -92,7 +93,9 @@ class Stage1Task:
         return [e.key for e in batch[0]]
 
     def batches(self, data_state: dict | None) -> Iterator[Any]:
-        if data_state:
+        # rank 0's saved topology decides for all ranks (a rank added since the checkpoint has no state)
+        saved = D.broadcast_object(data_state if self.rank == 0 else None)
+        if check_topology(saved, self.world, 1, self.cfg.run.reset_data_position) and data_state:
             self.stream.load_state_dict(data_state)
         return iter(self.stream)
 
