@@ -285,7 +285,7 @@ def test_metrics_rows_of_replayed_steps_are_replaced(tmp_path):
 def test_jsonl_error_reads_once(tmp_path):
     from llm2clip.eval.readers import AnnotationError, _iter_jsonl
     p = tmp_path / "a.jsonl"
-    p.write_text('{"image": "a.jpg"}\n{"image": "b.jpg", "caption": "never closed\n')
+    p.write_text('{"image": "a.jpg"}\n{"image": "b.jpg", "caption": "never closed')
     with pytest.raises(AnnotationError) as e:
         list(_iter_jsonl(str(p)))
-    assert f"{p}:2: invalid JSON (Unterminated string starting at: column 34)" in str(e.value), str(e.value)
+    assert f"{p}:2: invalid JSON (Unterminated string starting at: column 31)" in str(e.value), str(e.value)
