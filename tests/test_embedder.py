@@ -166,3 +166,36 @@ def test_stage1_step_packed_equals_padded(tiny_world, impl):
     assert gp.keys() == gu.keys() and len(gp) > 0
     for k in gp:  # relative to the gradient's scale (temperature 0.02 makes them ~10): fp32 summation noise
         assert (gp[k] - gu[k]).abs().max() <= 1e-5 * max(1.0, float(gu[k].abs().max())), k
+
+
+@pytest.mark.slow
+def test_zero3_with_lora_path_two_process(tiny_world, tmp_path):
+    """text.lora_path under ZeRO-3 (2 processes): the adapter is merged into the partitioned weights
+    (each layer gathered whole, merged, re-partitioned) and the embeddings equal base+adapter merged
+    in one process; the CRA-style sharded embedding runs every rank in lockstep."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from tests.helpers import ROOT, torchrun
+
+    torch.manual_seed(0)
+    base = AutoModel.from_pretrained(str(tiny_world["llama"]))
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    torchrun(str(ROOT / "tests/dist_scripts/zero3_lora_path.py"),
+             [str(tiny_world["llama"]), str(tmp_path / "adapter"), str(tmp_path)], timeout=300)
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(x["local_fraction"] < 0.6 for x in r), "ZeRO-3 partitioned the weights while loading"
+    cfg = TextEncoderConfig(model_path=str(tiny_world["llama"]), lora_path=str(tmp_path / "adapter"),
+                            attn_implementation="sdpa", max_length=64)
+    plain = TextEmbedder(TextEncoderConfig(model_path=str(tiny_world["llama"]), attn_implementation="sdpa",
+                                           max_length=64), "cpu")
+    caps = ["a cat", "a red circle on the left", "two blue squares", "a star", "a big green triangle"]
+    ref = TextEmbedder(cfg, "cpu").embed(caps)
+    for x in r:
+        got = torch.tensor(x["emb"])
+        assert (got - ref).abs().max() < 1e-4
+    assert (ref - plain.embed(caps)).abs().max() > 1e-3  # the adapter changes the embeddings
