@@ -199,3 +199,41 @@ def test_zero3_with_lora_path_two_process(tiny_world, tmp_path):
         got = torch.tensor(x["emb"])
         assert (got - ref).abs().max() < 1e-4
     assert (ref - plain.embed(caps)).abs().max() > 1e-3  # the adapter changes the embeddings
+
+
+def test_embed_window_empty_captions_error_or_skip(tiny_world, tmp_path):
+    """The embed step names the shard and key of an empty caption, or skips and counts it."""
+    import json
+
+    import webdataset as wds
+
+    from llm2clip.tasks.embed import ShardJob, load_window
+
+    shard = str(tmp_path / "s.tar")
+    with wds.TarWriter(shard) as w:
+        w.write({"__key__": "k0", "txt": "a cat", "json": json.dumps({"dense": "a small cat"})})
+        w.write({"__key__": "k1", "txt": "   ", "json": json.dumps({"dense": "a dog"})})
+        w.write({"__key__": "k2", "txt": "a star", "json": json.dumps({"dense": ""})})
+        w.write({"__key__": "k3", "json": json.dumps({"dense": "no txt member at all"})})  # missing, not empty
+    ptok = _embedder(tiny_world["llama"], "auto").tokenizer()
+    job = ShardJob(shard, str(tmp_path / "s_emb.tar"), 0, None)
+    with pytest.raises(EmptyCaptionError, match=r"2 empty.*s.tar key k1 field txt.*s.tar key k2 field json:dense"):
+        load_window([job], ["txt", "json:dense"], ptok, "", "error")
+    win = load_window([job], ["txt", "json:dense"], ptok, "", "skip")
+    assert win.empty == 2 and len(win.items) == len(win.encoded) == 5
+    assert ("k1" not in {k for _, k, f in win.items if f == "txt"})
+
+
+def test_stage1_empty_captions_error_or_skip():
+    from llm2clip.data.pairs import Example
+    from llm2clip.schema import Stage1Config
+    from llm2clip.tasks.stage1 import Stage1Task
+
+    task = Stage1Task.__new__(Stage1Task)
+    task.cfg, task.empty_skipped = Stage1Config(), 0
+    exs = [Example("a cat", "a small cat", "a dog"), Example("a star", " ", "a moon"), Example("x", "y", None)]
+    with pytest.raises(EmptyCaptionError, match=r"example 1 positive ' '"):
+        task._non_empty(exs, True)
+    task.cfg.text.empty_captions = "skip"
+    assert task._non_empty(exs[::2], False) == exs[::2]  # no negatives used: a None negative is fine
+    assert task._non_empty(exs[:2], True) == exs[:1] and task.empty_skipped == 1

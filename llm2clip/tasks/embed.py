@@ -35,7 +35,7 @@ from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get
 from llm2clip.schema_embed import EmbedConfig, field_name
 from llm2clip.text.batching import EncodeStats
 from llm2clip.text.feature_cache import FileHashCache, encoder_location, fingerprint_of, fingerprint_record
-from llm2clip.text.tokenize import check_captions
+from llm2clip.text.tokenize import empty_caption_error
 
 log = logging.getLogger("llm2clip")
 
@@ -151,6 +151,7 @@ def load_window(jobs: list[ShardJob], fields: list[str], ptok, instruction: str,
     skipped (left out of the sidecar like a missing one) and counted."""
     w = Window(jobs)
     caps: list[str] = []
+    empties: list[str] = []
     want = field_extensions(fields)
     for si, job in enumerate(jobs):
         rs, keys, seen, dup = ReadStats(), [], set(), 0
@@ -166,16 +167,31 @@ def load_window(jobs: list[ShardJob], fields: list[str], ptok, instruction: str,
                 if cap is not None:
                     w.items.append((si, key, field_name(spec)))
                     caps.append(cap)
+                elif _present_but_empty(s, spec):
+                    empties.append(f"{job.image} key {key} field {spec}")
         w.keys.append(keys)
         w.read_errors.append(rs.read_errors)
         w.duplicates.append(dup)
-    keep = check_captions(caps, [f"{jobs[si].image} key {key} field {name}" for si, key, name in w.items],
-                          empty_policy, "embed")
-    if len(keep) < len(caps):
-        w.empty = len(caps) - len(keep)
-        w.items, caps = [w.items[i] for i in keep], [caps[i] for i in keep]
+    if empties and empty_policy == "error":
+        raise empty_caption_error(empties, "embed")
+    w.empty = len(empties)
     w.encoded = ptok.encode(caps, instruction)
     return w
+
+
+def _present_but_empty(sample: dict, spec: str) -> bool:
+    """The field is there but holds only whitespace (get_caption returns None for it as for an absent one)."""
+    if spec.startswith("json:"):
+        try:
+            meta = json.loads(sample["json"]) if isinstance(sample.get("json"), (bytes, str)) else sample.get("json")
+        except ValueError:
+            return False
+        val = meta.get(spec[5:]) if isinstance(meta, dict) else None
+        val = val[0] if isinstance(val, list) and val else val
+    else:
+        val = sample.get(spec)
+        val = val.decode("utf-8", errors="replace") if isinstance(val, bytes) else val
+    return isinstance(val, str) and not val.strip()
 
 
 def _write_window(w: Window, emb: np.ndarray, cfg: EmbedConfig, fp: str, compute_dtype: str) -> list[tuple[str, dict]]:

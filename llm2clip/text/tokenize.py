@@ -88,12 +88,15 @@ def check_captions(texts: Sequence[str], labels: Sequence[str] | None = None, po
     it (`labels[i]`, e.g. "shard.tar key 000012 field txt"), or is dropped under policy="skip"."""
     bad = [i for i, t in enumerate(texts) if not t or not t.strip()]
     if bad and policy == "error":
-        names = [labels[i] if labels is not None else f"text #{i}" for i in bad[:5]]
-        raise EmptyCaptionError(f"{where + ': ' if where else ''}{len(bad)} empty or whitespace-only caption(s), "
-                                f"e.g. {', '.join(names)}: it would pool to a zero vector. Fix the data, or set "
-                                "text.empty_captions=skip to skip them (they are counted)")
+        raise empty_caption_error([labels[i] if labels is not None else f"text #{i}" for i in bad], where)
     drop = set(bad)
     return [i for i in range(len(texts)) if i not in drop]
+
+
+def empty_caption_error(names: Sequence[str], where: str = "") -> EmptyCaptionError:
+    return EmptyCaptionError(f"{where + ': ' if where else ''}{len(names)} empty or whitespace-only caption(s), "
+                             f"e.g. {', '.join(names[:5])}: it would pool to a zero vector. Fix the data, or set "
+                             "text.empty_captions=skip to skip them (they are counted)")
 
 
 class PromptTokenizer:
