@@ -8,7 +8,6 @@ with a warning naming it; they never kill the job.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -16,6 +15,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from llm2clip.data.io import open_shard
 
 log = logging.getLogger("llm2clip")
 
@@ -75,36 +76,6 @@ class ReadStats:
         return {"read_errors": len(self.read_errors), "bytes_read": self.bytes_read, "samples": self.samples}
 
 
-class _CountingFile(io.RawIOBase):
-    """An unbuffered local file that counts the bytes read through it (each tar header is one 512-byte
-    read, skipped member data one seek)."""
-
-    def __init__(self, path: str):
-        self.f = open(path, "rb", buffering=0)
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.f.readinto(b)
-        self.bytes_read += n or 0
-        return n
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        return self.f.seek(off, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
 def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
                      want: set[str] | None = None, count: int | None = None,
                      skip_keys: set[str] | None = None, skipped_keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -118,14 +89,14 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
     stats = stats if stats is not None else ReadStats()
     cur: dict[str, Any] | None = None
     index = yielded = 0
-    fh = _CountingFile(path) if path.endswith(".tar") else None
+    fh = open_shard(path)  # local: seekable; URL / pipe: a forward-only stream that retries (data/io.py)
+    seek = fh.seekable() and path.endswith(".tar")
     counted = 0
 
     def account() -> None:
         nonlocal counted
-        if fh is not None:
-            stats.bytes_read += fh.bytes_read - counted
-            counted = fh.bytes_read
+        stats.bytes_read += fh.bytes_read - counted
+        counted = fh.bytes_read
 
     def take(sample) -> bool:  # yield this finished sample?
         if index < skip:
@@ -135,7 +106,7 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
         return True
 
     try:
-        with (tarfile.open(fileobj=fh, mode="r:") if fh is not None else tarfile.open(path, "r|*")) as tf:
+        with tarfile.open(fileobj=fh, mode="r:" if seek else "r|*") as tf:
             while (m := tf.next()) is not None:
                 tf.members.clear()  # tarfile keeps every header it has read; we need none of them
                 if not m.isfile():
@@ -177,22 +148,21 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
         stats.read_errors.append(msg)
     finally:
         account()
-        if fh is not None:
-            fh.close()
+        fh.close()
 
 
 def _has_end_marker(fh, path: str, offset: int) -> bool:
-    try:
-        if fh is not None:
-            fh.seek(offset)
-            tail = fh.read(1024)
-        else:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                tail = f.read(1024)
-    except OSError:
-        return True  # not a seekable file (a pipe): nothing to check
-    return len(tail) == 1024 and not tail.strip(b"\0")
+    """Whether the two zero blocks that end a tar follow `offset` (where tarfile stopped). A compressed
+    shard is not checked here: its decompressor already fails on a cut-off stream."""
+    if not path.endswith(".tar"):
+        return True
+    if fh.seekable():
+        fh.seek(offset)
+        tail = fh.read(1024)
+        return len(tail) == 1024 and not tail.strip(b"\0")
+    while fh.read(1 << 16):  # a stream: read to its end (tarfile may have buffered the marker already)
+        pass
+    return fh.tell() >= offset + 1024
 
 
 class CaptionFieldError(KeyError):
