@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import (IMAGE_EXTS, ReadStats, expand_shards, get_caption, image_member, iter_tar_samples,
@@ -168,7 +168,8 @@ class Stage2Stream(torch.utils.data.IterableDataset):
                         im.load()
                         pixels = tf(im, rng=keyed_rng(self.seed, "crop", key, epoch))
                 except Exception as e:  # noqa: BLE001 - any decode failure: skip and count
-                    skip("corrupt_images", f"{shard}: image of sample '{key}' does not decode ({e})")
+                    why = "no image format PIL can identify" if isinstance(e, UnidentifiedImageError) else repr(e)
+                    skip("corrupt_images", f"{shard}: image of sample '{key}' does not decode ({why})")
                     continue
                 items.append((key, pixels, text))
             merged = dict(stats)

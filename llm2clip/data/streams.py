@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 from llm2clip.data.rng import keyed_rng
 
 log = logging.getLogger("llm2clip")
-OPEN_UNITS = 4  # units read interleaved into one shuffle block
+OPEN_UNITS = 4  # units read interleaved into one shuffle block (1 with shuffle_buffer=1: no shuffling)
 _MAX_NAMED = 5
 
 
@@ -168,7 +168,7 @@ class ShuffledReader:
         order = self._order()
         block: list[Any] = []
         while len(block) < self.buffer:
-            while len(self.open) < OPEN_UNITS and self.next_unit < len(order):
+            while len(self.open) < (OPEN_UNITS if self.buffer > 1 else 1) and self.next_unit < len(order):
                 self.open.append([self.next_unit, 0])
                 self.next_unit += 1
             if not self.open:
