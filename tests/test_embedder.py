@@ -237,3 +237,19 @@ def test_stage1_empty_captions_error_or_skip():
     task.cfg.text.empty_captions = "skip"
     assert task._non_empty(exs[::2], False) == exs[::2]  # no negatives used: a None negative is fine
     assert task._non_empty(exs[:2], True) == exs[:1] and task.empty_skipped == 1
+
+
+def test_attention_backends_agree_cpu(tiny_world):
+    """The GPU acceptance check's code path on CPU (fp32, eager vs sdpa, padded vs packed)."""
+    from llm2clip.testing.attention_check import check_attention_backends
+
+    r = check_attention_backends(str(tiny_world["llama"]), device="cpu", dtype=torch.float32)
+    assert r["ok"] and set(r["max_abs_diff"]) == {"eager/padded", "eager/packed", "sdpa/padded", "sdpa/packed"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_backends_agree_gpu():
+    """bf16 on GPU: flash-attn (if importable), sdpa and eager give the same bidirectional embeddings."""
+    from llm2clip.testing.attention_check import check_attention_backends
+
+    assert check_attention_backends()["ok"]
