@@ -1,0 +1,581 @@
+"""The sections of bench/gpu_check.py and the fixtures they share (see that file's docstring).
+
+Each section is `fn(ctx, res, budget)`: it fills the dict `res` as it goes (so a timeout or an error
+keeps what was measured before it) and may return a status ("ok", "fail", "skip"). The fixtures
+(synthetic shards, sidecars, random-weight model folders) are written once, lazily, through the
+project's own writers, and every measurement goes through the components the trainers use:
+`load_config` on the paper configs, `TextEncoder`, `TextEmbedder`, `Stage1Task`, `Stage2Task`,
+`Trainer._build_engine` (DeepSpeed) and `Trainer._train_step`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench_train_step import LLM_SHAPES, VIT_SHAPES
+
+# --shape presets: the real shapes (on a GPU) and tiny stand-ins that run every path on a CPU.
+SHAPES: dict[str, dict[str, Any]] = {
+    "full": dict(llm="llama3-8b", attn_shapes=["tiny", "llama3.2-1b"], attn_len=256, vit="vit-l14-336",
+                 timm_arch="eva02_large_patch14_clip_336", n_images=384, shard_size=96, workers=8,
+                 stage1_micro_batch=32, embed_captions=8192, stage2_batches=[64, 128, 256, 512, 1024],
+                 timm_batch=64, warmup=1, iters=3, stage2_iters=4),
+    "tiny": dict(llm="tiny", attn_shapes=["tiny", "small"], attn_len=32, vit="tiny",
+                 timm_arch="eva02_tiny_patch14_224", n_images=32, shard_size=16, workers=1,
+                 stage1_micro_batch=4, embed_captions=64, stage2_batches=[4, 8], timm_batch=4,
+                 warmup=1, iters=2, stage2_iters=2),
+}
+EXTRA_LLM = {"small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000)}
+PAPER = {"stage1": "configs/paper/stage1_llama3_8b.yaml", "embed": "configs/paper/embed_llama3_8b.yaml",
+         "stage2": "configs/paper/stage2_clip_l14_336.yaml", "timm": "configs/paper/stage2_eva02_l14_336.yaml"}
+CAPTION_FIELDS = ["txt", "json:short_alt", "json:dense", "json:dense_alt"]  # of the synthetic shards
+PLANNER_NOTE = "memory planner (issue 11) not built yet"
+
+
+class Budget:
+    """A section's soft time budget: sections check `allows(estimate)` before each costly piece."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def allows(self, estimate_s: float) -> bool:
+        return self.left() > estimate_s
+
+
+class Ctx:
+    """Device, shape preset, peak FLOP/s and the lazily written fixtures under `work`."""
+
+    def __init__(self, shape: str, work: Path, peak_tflops: float | None, repo: Path):
+        self.shape_name, self.shape = shape, SHAPES[shape]
+        self.work, self.repo = work, repo
+        self.cuda = torch.cuda.is_available()
+        self.dev = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
+        self.setup_seconds: dict[str, float] = {}
+        self._cache: dict[str, Any] = {}
+
+    # --- measuring ----------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        """torch.cuda.max_memory_allocated since the last reset; None on CPU (no per-phase figure)."""
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
+
+    def mfu(self, flops_per_s: float) -> float | None:
+        return round(flops_per_s / self.peak_flops, 4) if self.peak_flops else None
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            self._cache[key] = make()
+            self.setup_seconds[key] = round(time.perf_counter() - t0, 2)
+        return self._cache[key]
+
+    # --- fixtures -----------------------------------------------------------------------------
+    def vit_shape(self) -> dict:
+        return VIT_SHAPES[self.shape["vit"]]
+
+    def data(self) -> Path:
+        """Synthetic image shards (tools/make_synthetic_data.py's generator) at the tower's resolution."""
+        def make():
+            from llm2clip.data.synthetic import generate
+
+            out = self.work / "data"
+            generate(out, n_train=self.shape["n_images"], n_val=2, image_size=self.vit_shape()["image_size"],
+                     shard_size=self.shape["shard_size"], cls_per_class=0)
+            return out
+        return self._once("data", make)
+
+    @property
+    def train_spec(self) -> str:
+        return str(self.data() / "train" / "shard-*.tar")
+
+    def captions(self) -> list[str]:
+        from llm2clip.data.shards import expand_shards, get_caption, iter_tar_samples
+
+        def make():
+            caps = [c for shard in expand_shards(self.train_spec) for s in iter_tar_samples(shard, want={"txt", "json"})
+                    for c in (get_caption(s, f) for f in CAPTION_FIELDS) if c]
+            return caps
+        return self._once("captions", make)
+
+    def llm_shape(self, name: str) -> dict:
+        return dict(LLM_SHAPES.get(name) or EXTRA_LLM[name])
+
+    def llm_folder(self) -> Path:
+        """A random-weight decoder at the preset's LLM shape, saved like a hub checkpoint (config.json +
+        safetensors + the synthetic tokenizer), so the real loaders (load_backbone, zero.Init) read it."""
+        def make():
+            from transformers import AutoModel, LlamaConfig
+
+            from llm2clip.data.synthetic import build_tokenizer
+
+            tok = build_tokenizer()
+            shape = self.llm_shape(self.shape["llm"])
+            shape["vocab_size"] = max(shape["vocab_size"], len(tok))
+            cfg = LlamaConfig(**shape, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+            torch.manual_seed(0)
+            with torch.device(self.dev):
+                model = AutoModel.from_config(cfg, dtype=torch.bfloat16 if self.cuda else torch.float32)
+            out = self.work / "llm"
+            model.save_pretrained(str(out))
+            tok.save_pretrained(str(out))
+            del model
+            self.free()
+            return out
+        return self._once("llm_folder", make)
+
+    def vit_folder(self) -> Path:
+        """A random CLIPVisionModel at the preset's ViT shape (hf_clip kind, OpenAI mean/std)."""
+        def make():
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            torch.manual_seed(0)
+            with torch.device(self.dev):
+                model = CLIPVisionModel(CLIPVisionConfig(**self.vit_shape()))
+            out = self.work / "vit"
+            model.save_pretrained(str(out))
+            del model
+            self.free()
+            return out
+        return self._once("vit_folder", make)
+
+    def timm_folder(self) -> Path:
+        """A timm folder (config.json with "architecture" + model.safetensors), as towers.py reads it."""
+        def make():
+            import timm
+            from safetensors.torch import save_file
+
+            arch = self.shape["timm_arch"]
+            torch.manual_seed(0)
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+            out = self.work / "timm"
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+            (out / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0}))
+            del model
+            return out
+        return self._once("timm_folder", make)
+
+    def sidecars(self, width: int) -> Path:
+        """Sidecars of random `width`-wide embeddings for every train shard, through write_sidecar (what
+        the embed step writes; stage 2 throughput does not depend on the values)."""
+        def make():
+            import numpy as np
+
+            from llm2clip.data.shards import expand_shards, iter_tar_samples
+            from llm2clip.data.sidecar import sidecar_path_for, write_sidecar
+            from llm2clip.schema_embed import SidecarConfig, field_name
+
+            out = self.work / f"sidecars{width}"
+            sc = SidecarConfig(out_dir=str(out))
+            names = [field_name(f) for f in CAPTION_FIELDS]
+            rng = np.random.default_rng(0)
+            for shard in expand_shards(self.train_spec):
+                keys = [s["__key__"] for s in iter_tar_samples(shard, want={"txt"})]
+                samples = [(k, {n: rng.standard_normal(width).astype(np.float16) for n in names}) for k in keys]
+                write_sidecar(sidecar_path_for(shard, sc), samples, names, width, "float16", "gpu-check-random")
+            return out
+        return self._once(f"sidecars{width}", make)
+
+
+def _count(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, non-embedding) base parameters, LoRA excluded, ZeRO-3 partitions counted whole."""
+    tot = nonemb = 0
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            continue
+        k = int(getattr(p, "ds_numel", p.numel()))
+        tot += k
+        nonemb += 0 if "embed_tokens" in n else k
+    return tot, nonemb
+
+
+def train_step(trainer, engine, batches) -> tuple:
+    """One optimizer step exactly as Trainer.run() takes it (grad accumulation, finite checks, the task's
+    loss): (loss, metrics, real tokens, items, data-wait s). The engine has no public single-step entry,
+    so this calls Trainer._train_step, passing the step number where its signature takes one."""
+    import inspect
+
+    fn = trainer._train_step  # noqa: SLF001
+    trainer._gpu_check_step = getattr(trainer, "_gpu_check_step", 0) + 1
+    out = fn(engine, batches, trainer._gpu_check_step) if len(inspect.signature(fn).parameters) >= 3 \
+        else fn(engine, batches)
+    if not isinstance(out, tuple):  # a discarded (non-finite) step
+        raise RuntimeError(f"training step discarded: {getattr(out, 'message', out)}")
+    return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# --- (a) attention kernels ------------------------------------------------------------------------
+def attention(ctx: Ctx, res: dict, budget: Budget) -> str:
+    """Bidirectional TextEncoder outputs of eager / sdpa / flash-attn (if importable) in bf16 against an
+    fp32 eager reference, padded (left) and packed rows; plus: the first token sees the last (not
+    causal) and pad-token ids do not leak into real tokens."""
+    from transformers import AutoModel, LlamaConfig
+
+    from llm2clip.text.encoder import TextEncoder
+    from llm2clip.text.tokenize import collate, collate_packed, pack_rows
+
+    impls = ["eager", "sdpa"]
+    if importlib.util.find_spec("flash_attn") is None:
+        res["flash_attention_2"] = "skipped: flash_attn not importable"
+    elif not ctx.cuda:
+        res["flash_attention_2"] = "skipped: needs CUDA"
+    else:
+        impls.append("flash_attention_2")
+    tol_bf16, tol_same = 5e-2, 1e-3
+    res.update(tolerance_vs_fp32=tol_bf16, tolerance_pad_leak=tol_same, shapes=[])
+    ok = True
+    for k, name in enumerate(ctx.shape["attn_shapes"]):
+        if k and not budget.allows(5):  # the budget cuts later pieces, never the first
+            res["shapes"].append({"shape": name, "status": "skip", "reason": "section budget spent"})
+            continue
+        shape = ctx.llm_shape(name)
+        cfg = LlamaConfig(**shape, is_causal=False)
+        g = torch.Generator().manual_seed(0)
+        L = ctx.shape["attn_len"]
+        lengths = torch.randint(L // 4, L + 1, (8,), generator=g).tolist()
+        encoded = [(torch.randint(4, shape["vocab_size"], (n,), generator=g).tolist(), [1] * n) for n in lengths]
+        padded = collate(encoded, 0, "left").to(ctx.dev)
+        leak = collate(encoded, 3, "left").to(ctx.dev)  # same captions, other pad id
+        rows = pack_rows(lengths, max(lengths))
+        packed = collate_packed(encoded, rows, 0).to(ctx.dev)
+        order = torch.tensor([i for r in rows for i in r])
+        one = torch.randint(4, shape["vocab_size"], (1, L), generator=g).to(ctx.dev)
+        one2 = one.clone()
+        one2[0, -1] = (one2[0, -1] + 1) % shape["vocab_size"]
+        torch.manual_seed(0)
+        with torch.device(ctx.dev):
+            ref_model = AutoModel.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        with torch.no_grad():
+            ref = TextEncoder(ref_model.eval()).encode(padded)
+        sd = ref_model.state_dict()
+        del ref_model
+        row: dict[str, Any] = {"shape": name, "captions": len(lengths), "max_len": max(lengths),
+                               "packed_rows": len(rows), "impls": {}}
+        for impl in impls:
+            with torch.device(ctx.dev):
+                m = AutoModel.from_config(cfg, attn_implementation=impl, dtype=torch.bfloat16)
+            m.load_state_dict(sd)
+            enc = TextEncoder(m.eval())
+            with torch.no_grad():
+                out_pad = enc.encode(padded)
+                out_pack = torch.empty_like(out_pad)
+                out_pack[order] = enc.encode(packed)
+                out_leak = enc.encode(leak)
+                h1 = m(input_ids=one).last_hidden_state[0, 0].float()
+                h2 = m(input_ids=one2).last_hidden_state[0, 0].float()
+
+            def rel(a, b):
+                return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+            r = {"rel_err_padded_vs_fp32": rel(out_pad, ref), "rel_err_packed_vs_fp32": rel(out_pack, ref),
+                 "rel_err_pad_id_change": rel(out_leak, out_pad),
+                 "first_token_sees_last": float((h1 - h2).abs().max()) > 0}
+            r["ok"] = (r["rel_err_padded_vs_fp32"] < tol_bf16 and r["rel_err_packed_vs_fp32"] < tol_bf16
+                       and r["rel_err_pad_id_change"] < tol_same and r["first_token_sees_last"])
+            ok &= r["ok"]
+            row["impls"][impl] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            del m, enc
+            ctx.free()
+        res["shapes"].append(row)
+        del sd
+        ctx.free()
+    return "ok" if ok else "fail"
+
+
+# --- configs from the paper recipe, pointed at the fixtures ---------------------------------------
+def _cfg(ctx: Ctx, cls, which: str, overrides: list[str]):
+    from llm2clip.config import load_config
+
+    return load_config(cls, ctx.repo / PAPER[which], overrides)
+
+
+def _stage1_config(ctx: Ctx, zero: int, micro_batch: int):
+    from llm2clip.schema import Stage1Config
+
+    src = json.dumps([{"kind": "shards", "path": ctx.train_spec, "fields": CAPTION_FIELDS}])
+    return _cfg(ctx, Stage1Config, "stage1", [
+        f"run.output_dir={ctx.work / f'stage1_z{zero}'}", "run.tensorboard=false", "run.progress_bar=false",
+        f"text.model_path={ctx.llm_folder()}", "text.gradient_checkpointing=true", f"data.sources={src}",
+        "data.val_path=", f"train.micro_batch_size={micro_batch}", f"train.zero_stage={zero}",
+        "train.eval_every=0", "train.save_every=0", "optim.warmup_steps=0"])
+
+
+# --- (c) embed forward ------------------------------------------------------------------------------
+def embed(ctx: Ctx, res: dict, budget: Budget) -> str:
+    """TextEmbedder (the embed step's batching, padded vs packed) at the LLM shape, forward only:
+    tokens/s of real tokens, MFU = 2 N_nonemb per real token, padding fraction."""
+    from llm2clip.schema_embed import EmbedConfig
+    from llm2clip.text.embedder import TextEmbedder
+
+    cfg = _cfg(ctx, EmbedConfig, "embed", [f"text.model_path={ctx.llm_folder()}", f"data.shards={ctx.train_spec}",
+                                           f"output.out_dir={ctx.work / 'embed_out'}"])
+    caps = ctx.captions()
+    n = ctx.shape["embed_captions"]
+    caps = (caps * (n // max(len(caps), 1) + 1))[:n]
+    t0 = time.perf_counter()
+    base = TextEmbedder(cfg.text, token_budget=cfg.batch.token_budget, max_batch_size=cfg.batch.max_batch_size)
+    enc = base.encoder()
+    res["load_s"] = round(time.perf_counter() - t0, 2)
+    total, nonemb = _count(enc.backbone)
+    res.update(n_params=total, n_params_nonemb=nonemb, attn_implementation=enc.attn_implementation,
+               dtype=base.compute_dtype, token_budget=cfg.batch.token_budget, captions=n,
+               flops_rule="2 * N_nonemb per real token", variants=[])
+    for k, packing in enumerate(("off", "on")):
+        if k and not budget.allows(5):
+            res["variants"].append({"packing": packing, "status": "skip", "reason": "section budget spent"})
+            continue
+        tc = dataclasses.replace(cfg.text, packing=packing)
+        emb = TextEmbedder(tc, token_budget=cfg.batch.token_budget, max_batch_size=cfg.batch.max_batch_size,
+                           encoder=enc, ptok=base.tokenizer())
+        encoded = emb.encode(caps)
+        emb.embed_encoded(encoded[: max(8, n // 16)])  # warm-up (kernels, allocator)
+        ctx.reset_peak()
+        _, st = emb.embed_encoded(encoded)
+        tps = st.tokens / st.seconds
+        res["variants"].append({"packing": packing, "packed": emb.packing, "status": "ok", **st.as_dict(),
+                                "tokens_per_s": round(tps, 1), "mfu": ctx.mfu(2 * nonemb * tps),
+                                "peak_mem_gib": ctx.peak_gib()})
+    del enc, base
+    ctx.free()
+    return "ok"
+
+
+# --- (b) stage-1 training step -----------------------------------------------------------------------
+def _stage1_packing_switch(task) -> Callable[[str], bool] | None:
+    """How to set text.packing for Stage1Task's step (it batches through task.embedder, a TextEmbedder),
+    or None when this version's step cannot pack. Returns whether rows are really packed."""
+    from llm2clip.text.embedder import TextEmbedder
+
+    old = getattr(task, "embedder", None)
+    if old is None or not hasattr(old, "train_batch"):
+        return None
+
+    def set_packing(mode: str) -> bool:
+        task.embedder = TextEmbedder(dataclasses.replace(task.cfg.text, packing=mode), token_budget=old.token_budget,
+                                     max_batch_size=old.max_batch_size, encoder=task.encoder, ptok=task.ptok,
+                                     lockstep=old.lockstep)
+        return bool(task.embedder.packing)
+    return set_packing
+
+
+def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
+    """Stage1Task (paper config: LoRA r16, bidirectional, mean pooling, InfoNCE with hard negatives) on
+    the DeepSpeed engine the trainer builds: replicated (ZeRO-0) with gradient checkpointing on and off
+    (and packing on/off where the task supports it), then ZeRO-3 (world size 1). Per variant: real
+    tokens/s, MFU = 4 N_nonemb per real token (recompute not counted), peak memory."""
+    from llm2clip import distributed as D
+    from llm2clip.engine import Trainer
+    from llm2clip.tasks.stage1 import Stage1Task
+
+    D.init_distributed(single_process_group=True)
+    mb = ctx.shape["stage1_micro_batch"]
+    W, I = ctx.shape["warmup"], ctx.shape["iters"]
+    res.update(micro_batch_pairs=mb, flops_rule="4 * N_nonemb per real token (no recompute)",
+               memory_planner_gib=None, memory_planner_note=PLANNER_NOTE, modes=[])
+    ok = True
+    for mode, zero in (("replicated", 0), ("zero3", 3)):
+        m: dict[str, Any] = {"mode": mode, "zero_stage": zero, "variants": []}
+        res["modes"].append(m)
+        if zero and not budget.allows(20 if ctx.cuda else 3):
+            m.update(status="skip", reason="section budget spent")
+            continue
+        cfg = _stage1_config(ctx, zero, mb)
+        task = Stage1Task(cfg)
+        trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
+        t0 = time.perf_counter()
+        engine, _ = trainer._build_engine()  # noqa: SLF001 - the engine has no public "build only" entry
+        m["build_s"] = round(time.perf_counter() - t0, 2)
+        total, nonemb = _count(task.encoder.backbone)
+        m.update(n_params=total, n_params_nonemb=nonemb, attn_implementation=task.encoder.attn_implementation)
+        set_packing = _stage1_packing_switch(task)
+        if set_packing is None:
+            m["packing_note"] = "Stage1Task's step has no packing switch in this version: packing=off only"
+        batches = task.batches(None)
+        backbone = task.encoder.backbone
+        gcs = [True, False] if zero == 0 else [True]
+        packs = ["off", "on"] if set_packing else ["off"]
+        if zero == 3:
+            packs = packs[-1:]
+        for gc_on in gcs:
+            if gc_on:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            else:
+                backbone.gradient_checkpointing_disable()
+            for pk in packs:
+                v: dict[str, Any] = {"grad_ckpt": gc_on, "packing": pk}
+                m["variants"].append(v)
+                if (m["variants"][:-1] or zero) and not budget.allows(5 if ctx.cuda else 1):
+                    v.update(status="skip", reason="section budget spent")
+                    continue
+                if set_packing:
+                    v["packed"] = set_packing(pk)
+                try:
+                    for _ in range(W):
+                        train_step(trainer, engine, batches)
+                    ctx.reset_peak()
+                    t0 = time.perf_counter()
+                    tok = items = 0
+                    for _ in range(I):
+                        _, _, n_tok, n_items, _ = train_step(trainer, engine, batches)
+                        tok, items = tok + n_tok, items + n_items
+                    ctx.sync()
+                    dt = time.perf_counter() - t0
+                    tps = tok / dt
+                    v.update(status="ok", steps=I, s_per_step=round(dt / I, 4), real_tokens=tok,
+                             tokens_per_s=round(tps, 1), pairs_per_s=round(items / dt, 2),
+                             mfu=ctx.mfu(4 * nonemb * tps), peak_mem_gib=ctx.peak_gib(), planned_peak_gib=None)
+                except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else ends the mode
+                    if not _is_oom(e):
+                        raise
+                    v.update(status="oom", error=str(e).splitlines()[0][:300])
+                    engine.zero_grad()
+                    ctx.free()
+        m["status"] = "ok"
+        del engine, trainer, task, batches, backbone
+        ctx.free()
+        ok &= all(v.get("status") in ("ok", "skip", "oom") for v in m["variants"])
+    return "ok" if ok else "fail"
+
+
+# --- (d) / (e) stage-2 step ---------------------------------------------------------------------
+def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candidates: list[int], iters: int) -> str:
+    """Stage2Task (paper config) on the trainer's DeepSpeed engine: the largest batch from `candidates`
+    that fits (random tensors through task.loss), then real-loader steps at that batch: images/s,
+    MFU = 6 x (N_tower x tokens per image + N_proj + N_adapter) per image (recompute not counted),
+    peak memory and the fraction of step time spent waiting for the loader."""
+    from llm2clip import distributed as D
+    from llm2clip.engine import Trainer
+    from llm2clip.schema_stage2 import Stage2Config
+    from llm2clip.tasks.stage2 import Stage2Task
+
+    D.init_distributed(single_process_group=True)
+    llm_dim = int(ctx.llm_shape(ctx.shape["llm"])["hidden_size"])
+    sc = ctx.sidecars(llm_dim)
+    cfg = _cfg(ctx, Stage2Config, which, [
+        f"run.output_dir={ctx.work / which}", "run.tensorboard=false", "run.progress_bar=false",
+        f"vision.path={folder}", f"data.shards={ctx.train_spec}", f"data.sidecar.out_dir={sc}",
+        "data.sidecar.image_root=", "data.original_fields=[txt, 'json:short_alt']",
+        "data.dense_fields=['json:dense', 'json:dense_alt']", f"data.num_workers={ctx.shape['workers']}",
+        "data.val_shards=", f"train.micro_batch_size={candidates[0]}", "train.eval_every=0", "train.save_every=0"])
+    task = Stage2Task(cfg)
+    trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
+    t0 = time.perf_counter()
+    engine, _ = trainer._build_engine()  # noqa: SLF001
+    res["build_s"] = round(time.perf_counter() - t0, 2)
+    model = task.model
+    tower = model.tower
+    S = tower.image_size
+    if tower.kind == "timm":
+        tokens = int(tower.model.patch_embed.num_patches) + int(getattr(tower.model, "num_prefix_tokens", 1))
+    else:
+        tokens = (S // int(tower.model.config.patch_size)) ** 2 + 1
+    n_tower = sum(p.numel() for p in tower.parameters())
+    n_rest = sum(p.numel() for p in model.visual_proj.parameters()) + sum(p.numel() for p in model.adapter.parameters())
+    flops_img = 6 * (n_tower * tokens + n_rest)
+    res.update(tower_kind=tower.kind, image_size=S, tokens_per_image=tokens, n_params_tower=n_tower,
+               n_params_adapter_proj=n_rest, llm_dim=llm_dim, grad_ckpt=cfg.vision.gradient_checkpointing,
+               flops_rule="6 x (N_tower x tokens + N_proj + N_adapter) per image (no recompute)",
+               memory_planner_gib=None, memory_planner_note=PLANNER_NOTE, search=[])
+
+    def rand_step(B: int) -> None:
+        batch = {"pixels": torch.randn(B, 3, S, S), "emb": torch.randn(B, llm_dim)}
+        loss, _, _ = task.loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+
+    best = None
+    for B in candidates:
+        if best is not None and not budget.allows(15 if ctx.cuda else 1):
+            res["search"].append({"batch": B, "status": "skip", "reason": "section budget spent"})
+            break
+        try:
+            rand_step(B)
+            ctx.reset_peak()
+            t0 = time.perf_counter()
+            rand_step(B)
+            ctx.sync()
+            dt = time.perf_counter() - t0
+            res["search"].append({"batch": B, "status": "ok", "images_per_s": round(B / dt, 1),
+                                  "mfu": ctx.mfu(flops_img * B / dt), "peak_mem_gib": ctx.peak_gib()})
+            best = B
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            res["search"].append({"batch": B, "status": "oom"})
+            engine.zero_grad()
+            ctx.free()
+            break
+    if best is None:
+        res["loader"] = {"status": "skip", "reason": "no batch size fitted"}
+        return "fail"
+    task.cfg.train.micro_batch_size = best  # the loader reads it when batches() builds the stream
+    batches = task.batches(None)
+    t0 = time.perf_counter()
+    train_step(trainer, engine, batches)  # first batch: loader start-up, kept out of the rate
+    startup = time.perf_counter() - t0
+    ctx.reset_peak()
+    t0 = time.perf_counter()
+    wait, done = 0.0, 0
+    for _ in range(iters):
+        wait += train_step(trainer, engine, batches)[4]
+        done += 1
+        if not budget.allows(0):
+            break
+    ctx.sync()
+    dt = time.perf_counter() - t0
+    res["loader"] = {"status": "ok", "batch": best, "steps": done, "workers": cfg.data.num_workers,
+                     "first_step_s": round(startup, 2), "s_per_step": round(dt / done, 4),
+                     "images_per_s": round(best * done / dt, 1), "mfu": ctx.mfu(flops_img * best * done / dt),
+                     "peak_mem_gib": ctx.peak_gib(), "data_wait_frac": round(wait / dt, 4), "planned_peak_gib": None}
+    del batches, engine, trainer, task, model, tower
+    ctx.free()
+    return "ok"
+
+
+def stage2(ctx: Ctx, res: dict, budget: Budget) -> str:
+    return _stage2(ctx, res, budget, "stage2", ctx.vit_folder(), ctx.shape["stage2_batches"],
+                   ctx.shape["stage2_iters"])
+
+
+def timm_eva02(ctx: Ctx, res: dict, budget: Budget) -> str:
+    """The timm EVA02 tower through build_vision_tower('timm', folder) and a stage-2 step (paper EVA02
+    config), at a fixed batch."""
+    if importlib.util.find_spec("timm") is None:
+        res["reason"] = "timm is not importable here (it needs torchvision, which breaks the CPU torch)"
+        return "skip"
+    import timm
+
+    res["timm_version"] = timm.__version__
+    res["arch"] = ctx.shape["timm_arch"]
+    return _stage2(ctx, res, budget, "timm", ctx.timm_folder(), [ctx.shape["timm_batch"]], ctx.shape["warmup"] + 1)
