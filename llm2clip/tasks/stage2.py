@@ -281,10 +281,22 @@ class Stage2Task:
             sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
             module.save_pretrained(out_dir / "model", state_dict=sd)
             (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+            _export_hf_vision(out_dir)
         D.barrier()
 
 
 def run_stage2(cfg: Stage2Config) -> dict:
+def _export_hf_vision(out_dir: Path) -> None:
+    """<export>/hf_vision: the trained tower as a transformers folder (what LLaVA-style models load),
+    rebuilt from the saved model so it holds exactly what `llm2clip.load_model` serves."""
+    from llm2clip.export_hf import HFExportError, export_hf_vision
+
+    try:
+        export_hf_vision(out_dir / "model", out_dir / "hf_vision")
+    except HFExportError as e:  # e.g. timm towers: the llm2clip export above is complete on its own
+        log.warning(f"no Hugging Face vision export: {e}")
+
+
     from llm2clip.preflight import check_training_paths
 
     return run_training(cfg, Stage2Task, preflight=check_training_paths)
