@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Caption embedding throughput: token-budget batches of length-sorted captions vs naive fixed-size
-batches in file order (what a straightforward loop over the shard does). Same captions, same model.
+"""Caption embedding throughput, side by side on the same captions and model (interleaved repeats,
+medians): naive fixed-size batches in file order (what a straightforward loop over the shard does),
+token-budget batches of length-sorted captions (padded), and packed rows (text.packing: several
+captions per row, block-diagonal attention, no padding). All three run through the TextEmbedder.
 
     python bench/bench_embed.py                       # synthetic data + a small random Llama, CPU
     python bench/bench_embed.py --data 'runs/tiny/data/train/shard-*.tar' --model runs/tiny/models/tiny-llama
@@ -25,7 +27,8 @@ import torch  # noqa: E402
 
 from llm2clip.data.shards import expand_shards, get_caption, iter_tar_samples  # noqa: E402
 from llm2clip.schema import TextEncoderConfig  # noqa: E402
-from llm2clip.text.feature_cache import encode_bucketed, fixed_batches, plan_batches  # noqa: E402
+from llm2clip.text.batching import EncodeStats, plan_fixed  # noqa: E402
+from llm2clip.text.embedder import TextEmbedder  # noqa: E402
 
 
 def load_captions(spec: str, fields: list[str], limit: int) -> list[list[str]]:
@@ -45,25 +48,35 @@ def load_captions(spec: str, fields: list[str], limit: int) -> list[list[str]]:
     return out
 
 
-def run(enc, ptok, shards: list[list[str]], plan, device) -> tuple[dict, list[torch.Tensor]]:
-    stats = {"captions": 0, "tokens": 0, "padded_tokens": 0, "batches": 0}
+def run(emb: TextEmbedder, shards: list[list[str]], device) -> tuple[dict, list[torch.Tensor]]:
+    stats = EncodeStats()
     outs = []
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for caps in shards:
-        encoded = [ptok.encode_one(c) for c in caps]  # tokenising is part of the cost
-        out, st = encode_bucketed(enc, encoded, ptok.tok.pad_token_id, ptok.tok.padding_side, plan(encoded), device)
+    for caps in shards:  # one window per shard, as the embed step does
+        out, st = emb.embed_encoded(emb.encode(caps))  # tokenising is part of the cost
         outs.append(out)
-        for k in stats:
-            stats[k] += getattr(st, k)
+        stats.add(st)
     if device.type == "cuda":
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0
-    stats.update(seconds=round(sec, 3), captions_per_s=round(stats["captions"] / sec, 1),
-                 tokens_per_s=round(stats["tokens"] / sec, 1),
-                 padding_fraction=round(1 - stats["tokens"] / stats["padded_tokens"], 4))
-    return stats, outs
+    d = stats.as_dict()
+    d.update(seconds=round(sec, 3), captions_per_s=round(stats.captions / sec, 1),
+             tokens_per_s=round(stats.tokens / sec, 1))
+    return d, outs
+
+
+def embedders(enc, ptok, cfg: TextEncoderConfig, a) -> dict[str, TextEmbedder]:
+    """The three batchings over one loaded model."""
+    out = {}
+    for name, packing in (("naive", False), ("token_budget", False), ("packed", True)):
+        e = TextEmbedder(cfg, enc.backbone.device, a.token_budget, a.max_batch_size, encoder=enc, ptok=ptok)
+        e._packing = packing
+        if name == "naive":
+            e.plan = lambda lengths: plan_fixed(len(lengths), a.batch_size)  # file order, fixed size
+        out[name] = e
+    return out
 
 
 def main(argv=None) -> dict:
@@ -78,7 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--token-budget", type=int, default=8192)
     ap.add_argument("--max-batch-size", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N timings per method")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timings per method (median reported)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     a = ap.parse_args(argv)
     from llm2clip.logger import setup_logging
 
@@ -95,37 +109,38 @@ def main(argv=None) -> dict:
         data = data or str(root / "data" / "train" / "shard-*.tar")
         model = model or str(make_tiny_llm(root / "llm", root / "data" / "tokenizer", hidden=a.hidden,
                                            layers=a.layers, heads=4, kv_heads=2, intermediate=a.hidden * 2))
-    from llm2clip.text.encoder import build_text_encoder
+    from llm2clip.text.encoder import build_text_encoder, resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    enc, ptok = build_text_encoder(TextEncoderConfig(model_path=model, attn_implementation="sdpa",
-                                                     max_length=a.max_length, pad_token="eos"))
+    cfg = TextEncoderConfig(model_path=model, attn_implementation=a.attn, max_length=a.max_length, pad_token="eos")
+    enc, ptok = build_text_encoder(cfg, dtype=resolve_dtype(cfg.dtype))
     enc = enc.to(device).eval().requires_grad_(False)
     shards = load_captions(data, a.fields.split(","), a.samples)
-    naive_plan = lambda enc_: fixed_batches(len(enc_), a.batch_size)  # noqa: E731
-    budget_plan = lambda enc_: plan_batches([len(e[0]) for e in enc_], a.token_budget, a.max_batch_size)  # noqa: E731
-    run(enc, ptok, [shards[0][:64]], naive_plan, device)  # warm-up
-    results = {}
-    for name, plan in (("naive", naive_plan), ("token_budget", budget_plan)):
-        best, outs = None, None
-        for _ in range(a.repeats):
-            st, o = run(enc, ptok, shards, plan, device)
-            if best is None or st["seconds"] < best["seconds"]:
-                best, outs = st, o
-        results[name] = (best, outs)
-    diff = max(float((x - y).abs().max()) for x, y in zip(results["naive"][1], results["token_budget"][1]))
-    naive, budget = results["naive"][0], results["token_budget"][0]
+    methods = embedders(enc, ptok, cfg, a)
+    for e in methods.values():
+        run(e, [shards[0][:64]], device)  # warm-up
+    times: dict[str, list[dict]] = {k: [] for k in methods}
+    outs: dict[str, list[torch.Tensor]] = {}
+    for _ in range(a.repeats):  # interleaved, so drift in the machine's load hits every method alike
+        for name, e in methods.items():
+            st, outs[name] = run(e, shards, device)
+            times[name].append(st)
+    res = {k: sorted(v, key=lambda st: st["seconds"])[len(v) // 2] for k, v in times.items()}  # median run
+    diff = max(float((x - y).abs().max()) for k in ("token_budget", "packed") for x, y in zip(outs["naive"], outs[k]))
     cpu = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    base = res["naive"]["captions_per_s"]
     rec = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
            "model": model if a.model else f"random llama hidden={a.hidden} layers={a.layers}",
-           "dtype": str(next(enc.parameters()).dtype), "fields": a.fields, "naive_batch_size": a.batch_size,
-           "token_budget": a.token_budget, "naive": naive, "token_budget_batches": budget,
-           "speedup": round(budget["captions_per_s"] / naive["captions_per_s"], 2), "max_abs_diff": diff}
+           "dtype": str(next(enc.parameters()).dtype), "attn": a.attn, "fields": a.fields,
+           "naive_batch_size": a.batch_size, "token_budget": a.token_budget, "repeats": a.repeats, **res,
+           "speedup_vs_naive": {k: round(v["captions_per_s"] / base, 2) for k, v in res.items()},
+           "max_abs_diff": diff}
     print(json.dumps(rec, indent=1))
-    print(f"| embed captions | {rec['device']} | {rec['model']} | {naive['captions']} captions | "
-          f"naive bs={a.batch_size}: {naive['captions_per_s']:.0f} cap/s, pad {naive['padding_fraction']:.1%} | "
-          f"token budget {a.token_budget}: {budget['captions_per_s']:.0f} cap/s, pad {budget['padding_fraction']:.1%} | "
-          f"x{rec['speedup']} | `python bench/bench_embed.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` |")
+    cmd = f"`python bench/bench_embed.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
+    for k, v in res.items():
+        print(f"| embed, {k} | {rec['device']} | {rec['model']}, {a.attn} | {v['captions']} captions | "
+              f"{v['captions_per_s']:.0f} cap/s | {v['tokens_per_s']:,.0f} tok/s | pad {v['padding_fraction']:.1%} | "
+              f"x{rec['speedup_vs_naive'][k]} | {cmd} |")
     tmp.cleanup()
     return rec
 
