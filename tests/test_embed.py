@@ -245,9 +245,20 @@ def test_tampered_sidecar_is_detected_redone_and_refused(world, tmp_path):
     images = [str(world["data"] / "train" / "shard-000000.tar"), str(world["data"] / "val" / "shard-000000.tar")]
     c = cfg(world, out)
     fp = world["clean_summary"]["fingerprint"]
-    missing, invalid = S.check_sidecars(images, c.output, fp)
+    missing, invalid = S.check_sidecars(images, c.output, fp)  # start-up check: manifests and sizes only
+    assert missing == [] and [i for i, _ in invalid] == images[:1] and "truncated" in invalid[0][1]
+    missing, invalid = S.check_sidecars(images, c.output, fp, verify=True)
     assert missing == [] and [i for i, _ in invalid] == images
     assert "truncated" in invalid[0][1] and "sha256" in invalid[1][1]
+    # the explicit full check over 2 ranks (each a share) names both bad shards and fails
+    env = {"LLM2CLIP_HASH_CACHE": str(world["root"] / "hashes.json")}
+    p = torchrun(TOOL, ["--verify", *[f"--set={o}" for o in overrides(world, out)]], nproc=2, env_extra=env,
+                 timeout=120, check=False)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((out / "verify_report.json").read_text())
+    assert report["world_size"] == 2 and report["shards"] == 5 and not report["ok"]
+    assert {b["image"] for b in report["bad_shards"]} == set(images)
+    assert "truncated" in p.stdout + p.stderr and "sha256" in p.stdout + p.stderr
     with pytest.raises(S.SidecarError, match="truncated"):
         next(S.iter_joined(images[0], str(trunc), expected_fingerprint=fp))
     summ = run_embed(c)
@@ -255,6 +266,9 @@ def test_tampered_sidecar_is_detected_redone_and_refused(world, tmp_path):
     for x in sidecars(clean):
         assert (out / x.relative_to(clean)).read_bytes() == x.read_bytes()
     assert S.check_sidecars(images, c.output, fp) == ([], [])
+    from llm2clip.tasks.verify_sidecars import run_verify
+    report = run_verify(c)
+    assert report["ok"] and report["shards"] == 5 and report["bad"] == 0 and len(report["fingerprints"]) == 1
 
 
 def test_other_encoder_is_refused_unless_overwrite(world, tmp_path):
@@ -413,3 +427,22 @@ def test_windows_prefetch_and_padding_side_give_the_same_vectors(world, tmp_path
         for k in dx:
             for n in dx[k]:
                 np.testing.assert_allclose(dx[k][n].astype(np.float32), dy[k][n].astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_embed_reads_image_shards_over_http_and_pipe(world, tmp_path):
+    """The embed step's input from a URL (loopback HTTP server) or a `pipe:` command: the same sidecars,
+    byte for byte, as from the local files; the sidecars are written locally under out_dir."""
+    from tests.http_fixture import LoopbackServer
+
+    d, clean = world["data"], world["clean"]
+    with LoopbackServer(d) as srv:
+        out = tmp_path / "http"
+        summ = run_embed(cfg(world, out, f"data.shards={srv.url}/train/shard-{{000000..000003}}.tar",
+                             f"output.image_root={srv.url}"))
+        assert summ["written"] == 4 and summ["read_errors"] == 0
+    pipe = tmp_path / "pipe"
+    assert run_embed(cfg(world, pipe, f"data.shards=pipe:cat {d}/train/shard-00000{{0,1}}.tar"))["written"] == 2
+    for x in sorted((clean / "train").glob("shard-*.tar")):
+        assert (out / "train" / x.name).read_bytes() == x.read_bytes()
+        if x.name in ("shard-000000.tar", "shard-000001.tar"):
+            assert (pipe / "train" / x.name).read_bytes() == x.read_bytes()

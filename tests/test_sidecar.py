@@ -3,6 +3,7 @@ merge-join (corrupt image, missing embedding, corrupt member, truncated shards),
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import logging
 import tarfile
@@ -68,7 +69,7 @@ def rewrite_tar(path: Path, edit) -> None:
 def refresh_manifest(sidecar: Path) -> None:
     """Make the manifest match the tar again (to test the reader beyond manifest validation)."""
     m = S.read_manifest(sidecar)
-    m["sha256"], m["bytes"] = S._sha256(sidecar), sidecar.stat().st_size
+    m["sha256"], m["bytes"] = hashlib.sha256(sidecar.read_bytes()).hexdigest(), sidecar.stat().st_size
     S.manifest_path(sidecar).write_text(json.dumps(m))
 
 
@@ -130,7 +131,9 @@ def test_truncated_tampered_and_unfinished_are_detected(tmp_path):
     sc.write_bytes(bytes(data))
     assert "sha256" in S.validate_sidecar(sc)
     assert S.validate_sidecar(sc, verify=False) is None
-    missing, invalid = S.check_sidecars([str(img)], cfg, FP)
+    # the start-up check reads manifests and sizes only; hashing is the explicit --verify
+    assert S.check_sidecars([str(img)], cfg, FP) == ([], [])
+    missing, invalid = S.check_sidecars([str(img)], cfg, FP, verify=True)
     assert missing == [] and len(invalid) == 1 and "sha256" in invalid[0][1]
     with pytest.raises(S.SidecarError, match="sha256"):
         S.open_sidecar(str(sc), verify=True)

@@ -7,6 +7,12 @@
 
 A rerun skips shards whose manifest validates; see docs/EMBED.md. Exit code 2: existing sidecars
 come from another encoder (set output.overwrite=true to replace them).
+
+    python tools/embed_captions.py --verify --config CFG          # hash every sidecar, embed nothing
+    torchrun --nproc_per_node 8 tools/embed_captions.py --verify --config CFG   # each rank a share
+
+--verify reads every sidecar tar (sha256 + key count against its manifest), names the bad shards and
+exits 1 if any is bad; stage 2 itself only reads manifests and sizes at start-up.
 """
 import os
 import sys
@@ -18,7 +24,16 @@ from llm2clip.schema_embed import EmbedConfig  # noqa: E402
 
 
 def main(argv=None):
-    cfg, _ = cli_config(EmbedConfig, argv, description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verify = "--verify" in argv
+    cfg, _ = cli_config(EmbedConfig, [a for a in argv if a != "--verify"], description=__doc__)
+    if verify:
+        from llm2clip.tasks.verify_sidecars import run_verify
+
+        report = run_verify(cfg)
+        if not report["ok"]:
+            raise SystemExit(1)
+        return report
     from llm2clip.tasks.embed import EmbedConflictError, run_embed  # heavy imports only after the config validated
 
     try:

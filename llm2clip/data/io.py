@@ -45,6 +45,18 @@ def local_path(spec: str) -> str:
     return os.path.expanduser(spec)
 
 
+def shard_location(spec: str) -> str:
+    """Where a shard lives, for naming things after it (its sidecar): the spec itself, or for a
+    `pipe:` command the last word of it that names a tar (`pipe:aws s3 cp s3://b/x.tar -` ->
+    `s3://b/x.tar`). ValueError when a command names none."""
+    if not spec.startswith("pipe:"):
+        return spec
+    words = [w for w in shlex.split(spec[len("pipe:"):]) if ".tar" in w.rsplit("/", 1)[-1]]
+    if not words:
+        raise ValueError(f"shard '{spec}': the pipe command names no .tar file to name its sidecar after")
+    return words[-1]
+
+
 class CountingFile(io.RawIOBase):
     """An unbuffered local file that counts the bytes read through it (a tar header is one 512-byte
     read; member data passed over is one seek and counts nothing)."""

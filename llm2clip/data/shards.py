@@ -7,6 +7,7 @@ with a warning naming it; they never kill the job.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llm2clip.data.io import open_shard
+from llm2clip.data.io import is_url, local_path, open_shard, read_small
 
 log = logging.getLogger("llm2clip")
 
@@ -24,7 +25,9 @@ log = logging.getLogger("llm2clip")
 def expand_shards(spec: str) -> list[str]:
     """'a/{000..009}.tar', 'a/*.tar', 'x.tar::y/*.tar' (several datasets) -> sorted existing paths per part.
 
-    Raises FileNotFoundError naming the part that matched nothing.
+    URLs and `pipe:` commands (see data/io.py) are brace-expanded only: no glob and no existence check
+    (a missing remote shard is a read error later: skipped, counted and named). Raises
+    FileNotFoundError naming a local part that matched nothing.
     """
     import braceexpand
 
@@ -32,8 +35,7 @@ def expand_shards(spec: str) -> list[str]:
     for part in [p for p in spec.split("::") if p.strip()]:
         matched: list[str] = []
         for pat in braceexpand.braceexpand(part.strip()):
-            hits = sorted(glob.glob(os.path.expanduser(pat)))
-            matched.extend(hits)
+            matched.extend([pat] if is_url(pat) else sorted(glob.glob(local_path(pat))))
         if not matched:
             raise FileNotFoundError(f"no shard matches '{part}' (from '{spec}')")
         out.extend(matched)
@@ -41,8 +43,16 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def shard_size(path: str) -> int | None:
-    """Sample count from img2dataset's `<shard>_stats.json` or open_clip's `sizes.json`, if present."""
-    p = Path(path)
+    """Sample count from img2dataset's `<shard>_stats.json` or open_clip's `sizes.json`, if present.
+
+    For a URL only the folder's `sizes.json` is read (one small read per folder and process, cached);
+    per-shard `_stats.json` would cost a request per shard, and a `pipe:` has no folder: None."""
+    if is_url(path):
+        if path.startswith("pipe:") or "/" not in path:
+            return None
+        folder, name = path.rsplit("/", 1)
+        return _remote_sizes(folder).get(name)
+    p = Path(local_path(path))
     stats = p.with_name(p.name[: -len(".tar")] + "_stats.json") if p.name.endswith(".tar") else None
     if stats is not None and stats.is_file():
         try:
@@ -57,6 +67,16 @@ def shard_size(path: str) -> int | None:
         except (KeyError, ValueError):
             pass
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_sizes(folder: str) -> dict[str, int]:
+    raw = read_small(f"{folder}/sizes.json")
+    try:
+        d = json.loads(raw) if raw else {}
+        return {str(k): int(v) for k, v in d.items()} if isinstance(d, dict) else {}
+    except (ValueError, TypeError):
+        return {}
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -89,14 +109,14 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
     stats = stats if stats is not None else ReadStats()
     cur: dict[str, Any] | None = None
     index = yielded = 0
-    fh = open_shard(path)  # local: seekable; URL / pipe: a forward-only stream that retries (data/io.py)
-    seek = fh.seekable() and path.endswith(".tar")
+    fh = None
     counted = 0
 
     def account() -> None:
         nonlocal counted
-        stats.bytes_read += fh.bytes_read - counted
-        counted = fh.bytes_read
+        if fh is not None:
+            stats.bytes_read += fh.bytes_read - counted
+            counted = fh.bytes_read
 
     def take(sample) -> bool:  # yield this finished sample?
         if index < skip:
@@ -106,6 +126,10 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
         return True
 
     try:
+        # local: seekable; URL / pipe: a forward-only stream that retries (data/io.py). A shard that cannot
+        # be opened (vanished, permissions) is a read error like any other: named, counted, skipped.
+        fh = open_shard(path)
+        seek = fh.seekable() and path.endswith(".tar")
         with tarfile.open(fileobj=fh, mode="r:" if seek else "r|*") as tf:
             while (m := tf.next()) is not None:
                 tf.members.clear()  # tarfile keeps every header it has read; we need none of them
@@ -148,7 +172,8 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
         stats.read_errors.append(msg)
     finally:
         account()
-        fh.close()
+        if fh is not None:
+            fh.close()
 
 
 def _has_end_marker(fh, path: str, offset: int) -> bool:

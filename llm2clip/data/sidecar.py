@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from llm2clip.config import atomic_write_text
+from llm2clip.data.io import is_url, open_shard, read_small, shard_location
 from llm2clip.data.shards import IMAGE_EXTS, ReadStats, iter_tar_samples, split_key
 from llm2clip.schema_embed import field_name
 
@@ -45,32 +46,59 @@ class SidecarMismatchError(SidecarError):
 
 # --- naming ----------------------------------------------------------------------------------
 def sidecar_path_for(image_shard: str, cfg: Any) -> str:
-    """Sidecar path of an image shard under a SidecarConfig-like `cfg` (out_dir, image_root, suffix)."""
-    name = os.path.basename(image_shard)
+    """Sidecar path of an image shard under a SidecarConfig-like `cfg` (out_dir, image_root, suffix).
+
+    Image shards may be URLs or `pipe:` commands (data/io.py); their sidecars need `out_dir` (a local
+    or mounted folder, or a URL to read them from), and `image_root` is then a URL prefix of the image
+    shards (e.g. `s3://bucket/cc3m`) whose sub-folders are mirrored under out_dir."""
+    loc = shard_location(image_shard)
+    name = loc.rsplit("/", 1)[-1]
     stem = name[:-4] if name.endswith(".tar") else name
     fname = f"{stem}{cfg.suffix}.tar"
+    remote = is_url(loc)
     if not cfg.out_dir:
+        if remote:
+            raise SidecarError(f"image shard {image_shard} is remote, so its sidecar cannot sit beside it: set "
+                               "output.out_dir (data.sidecar.out_dir) to a local or mounted folder (and "
+                               "image_root to the URL prefix of the image shards to mirror their folders)")
         if not cfg.suffix:
             raise SidecarError("a sidecar beside its image shard needs a suffix (e.g. output.suffix=_emb)")
-        return os.path.join(os.path.dirname(image_shard), fname)
+        return os.path.join(os.path.dirname(loc), fname)
     if not cfg.image_root:
-        return os.path.join(cfg.out_dir, fname)
-    rel = os.path.relpath(os.path.dirname(os.path.abspath(image_shard)), os.path.abspath(cfg.image_root))
-    if rel == ".." or rel.startswith(".." + os.sep):
-        raise SidecarError(f"image shard {image_shard} is not under output.image_root={cfg.image_root}; "
-                           "set image_root to a folder that contains every image shard")
+        rel = ""
+    elif remote or is_url(cfg.image_root):
+        root = cfg.image_root.rstrip("/") + "/"
+        if not loc.startswith(root):
+            raise SidecarError(f"image shard {image_shard} is not under output.image_root={cfg.image_root}; "
+                               "set image_root to a URL prefix of every image shard")
+        rel = loc[len(root):].rpartition("/")[0]
+    else:
+        rel = os.path.relpath(os.path.dirname(os.path.abspath(loc)), os.path.abspath(cfg.image_root))
+        if rel == ".." or rel.startswith(".." + os.sep):
+            raise SidecarError(f"image shard {image_shard} is not under output.image_root={cfg.image_root}; "
+                               "set image_root to a folder that contains every image shard")
+    if is_url(cfg.out_dir):
+        return "/".join(p for p in (cfg.out_dir.rstrip("/"), rel.strip("/"), fname) if p)
     return os.path.normpath(os.path.join(cfg.out_dir, rel, fname))
 
 
-def manifest_path(sidecar: str | os.PathLike) -> Path:
-    p = Path(sidecar)
-    stem = p.name[:-4] if p.name.endswith(".tar") else p.name
-    return p.with_name(stem + ".manifest.json")
+def _sibling(path: str | os.PathLike, name: str) -> str | Path:
+    """`name` in the folder of `path` (a local path or a URL)."""
+    path = str(path)
+    if is_url(path):
+        return path.rpartition("/")[0] + "/" + name
+    return Path(path).with_name(name)
 
 
-def index_path_for(sidecar: str | os.PathLike, cfg: Any) -> Path:
+def manifest_path(sidecar: str | os.PathLike) -> Path | str:
+    name = str(sidecar).rsplit("/", 1)[-1]
+    stem = name[:-4] if name.endswith(".tar") else name
+    return _sibling(sidecar, stem + ".manifest.json")
+
+
+def index_path_for(sidecar: str | os.PathLike, cfg: Any) -> Path | str:
     """`index.json` in the sidecar's folder (`index<suffix>.json` when sidecars sit beside images)."""
-    return Path(sidecar).parent / ("index.json" if cfg.out_dir else f"index{cfg.suffix}.json")
+    return _sibling(sidecar, "index.json" if cfg.out_dir else f"index{cfg.suffix}.json")
 
 
 # --- arrays ----------------------------------------------------------------------------------
@@ -119,6 +147,9 @@ def write_sidecar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str
     from the dict gets no member and is listed under manifest["missing"][field]. The old manifest is
     removed first and the new one written last, so a crash leaves no shard that validates.
     """
+    if is_url(str(path)):
+        raise SidecarError(f"cannot write sidecar {path}: sidecars are written to a local or mounted filesystem "
+                           "(set output.out_dir to one; copy the folder to object storage afterwards, see docs/EMBED.md)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     man_path = manifest_path(path)
@@ -174,54 +205,68 @@ def remove_stale_temps(sidecar: str | os.PathLike) -> int:
 
 # --- validation ------------------------------------------------------------------------------
 def read_manifest(sidecar: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a sidecar, or None when absent or unreadable."""
-    mp = manifest_path(sidecar)
+    """The manifest of a sidecar (local or URL), or None when absent or unreadable."""
+    raw = read_small(str(manifest_path(sidecar)))
     try:
-        m = json.loads(mp.read_text())
-    except (OSError, ValueError):
+        m = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
-def _sha256(path: Path) -> str:
+def _verify_tar(path: str) -> tuple[str, int]:
+    """(sha256, key count) of a sidecar tar in one pass over its bytes (local or URL)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
+    class _Hashing(io.RawIOBase):  # tarfile reads the stream through this: hash and count in one pass
+        def __init__(self, f):
+            self.f = f
 
-def _count_keys(path: Path) -> int:
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            n = self.f.readinto(b)
+            h.update(memoryview(b)[:n])
+            return n
+
     n, prev = 0, None
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            key, _ = split_key(m.name)
-            if key != prev:
-                n, prev = n + 1, key
-    return n
+    with open_shard(path) as raw:
+        buf = io.BufferedReader(_Hashing(raw), 1 << 22)
+        with tarfile.open(fileobj=buf, mode="r|") as tf:
+            for m in tf:
+                key, _ = split_key(m.name)
+                if key != prev:
+                    n, prev = n + 1, key
+        while buf.read(1 << 22):  # the padding after the end marker is part of the hash too
+            pass
+    return h.hexdigest(), n
 
 
 def validate_sidecar(sidecar: str | os.PathLike, manifest: dict | None = None, verify: bool = True) -> str | None:
     """None if the sidecar is complete and intact, else the reason it is not.
 
-    Always: manifest present, tar present with the recorded size. verify=True also checks the sha256
-    and the key count (reads the whole tar)."""
-    p = Path(sidecar)
+    Always: manifest present, tar present with the recorded size (not checked for a URL: that would be
+    a request per shard; a short remote tar is a read error when it is read). verify=True also checks
+    the sha256 and the key count (reads the whole tar: `tools/embed_captions.py --verify`)."""
+    p = str(sidecar)
     m = manifest if manifest is not None else read_manifest(p)
     if m is None:
-        return f"no valid manifest {manifest_path(p).name} (unfinished, killed, or not a sidecar)"
-    if not p.is_file():
-        return "manifest present but the tar is missing"
-    size = p.stat().st_size
-    if size != m.get("bytes"):
-        return f"size {size} bytes != {m.get('bytes')} in the manifest (truncated or rewritten)"
-    if verify:
-        if _sha256(p) != m.get("sha256"):
-            return "sha256 differs from the manifest (tampered or corrupt)"
+        return f"no valid manifest {str(manifest_path(p)).rsplit('/', 1)[-1]} (unfinished, killed, or not a sidecar)"
+    if not is_url(p):
         try:
-            n = _count_keys(p)
-        except (tarfile.TarError, OSError) as e:
+            size = os.stat(p).st_size
+        except OSError:
+            return "manifest present but the tar is missing"
+        if size != m.get("bytes"):
+            return f"size {size} bytes != {m.get('bytes')} in the manifest (truncated or rewritten)"
+    if verify:
+        try:
+            digest, n = _verify_tar(p)
+        except (tarfile.TarError, OSError, EOFError) as e:
             return f"unreadable tar ({e})"
+        if digest != m.get("sha256"):
+            return "sha256 differs from the manifest (tampered or corrupt)"
         if n != m.get("count"):
             return f"{n} keys in the tar != count {m.get('count')} in the manifest"
     return None
@@ -260,37 +305,112 @@ def open_sidecar(sidecar: str, expected_fingerprint: str | None = None, verify: 
     return m
 
 
+@dataclass
+class SidecarScan:
+    """What the stage-2 preflight learns about the sidecars of a list of image shards."""
+    missing: list[str] = field(default_factory=list)  # image shards without a complete sidecar
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (image shard, reason)
+    # per image shard with a valid sidecar: {"fingerprint", "fields", "width", "dtype", "count", "image_samples"}
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    from_index: int = 0  # sidecars vouched for by an up-to-date index.json instead of their manifest
+
+
+_SUMMARY_KEYS = ("fingerprint", "fields", "width", "dtype", "count", "image_samples")
+
+
+class _IndexView:
+    """The index.json of one sidecar folder, usable in place of the folder's manifests (see scan_sidecars)."""
+
+    def __init__(self, path: str | Path):
+        self.idx = load_index(path)
+        self.remote = is_url(str(path))
+        self.mtime_ns = None
+        if self.idx is not None and not self.remote:
+            try:
+                self.mtime_ns = os.stat(path).st_mtime_ns
+            except OSError:
+                self.idx = None
+        entries = (self.idx or {}).get("entries", [])
+        self.by_name = {e["sidecar"]: e for e in entries if "bytes" in e}  # older indexes lack sizes: unused
+
+    def summary(self, sc: str) -> dict[str, Any] | None:
+        """The sidecar's manifest summary from the index, if the index is current for it: its manifest is
+        not newer than the index and the tar has the indexed size (two stats, no reads). A remote
+        folder's index is taken as is (a request per shard is what it saves)."""
+        e = self.by_name.get(str(sc).rsplit("/", 1)[-1]) if self.idx is not None else None
+        if e is None:
+            return None
+        if not self.remote:
+            try:
+                if os.stat(manifest_path(sc)).st_mtime_ns > self.mtime_ns or os.stat(sc).st_size != e["bytes"]:
+                    return None
+            except OSError:
+                return None
+        return {"fingerprint": self.idx["fingerprint"], "fields": self.idx["fields"], "width": self.idx["width"],
+                "dtype": self.idx["dtype"], "count": e["count"], "image_samples": e["image_samples"]}
+
+
+def scan_sidecars(image_shards: list[str], cfg: Any, expected_fingerprint: str | None = None,
+                  fields: list[str] | None = None, verify: bool = False, threads: int = 8) -> SidecarScan:
+    """The sidecars of `image_shards`: missing, invalid (corrupt, another encoder, a field lacking) and
+    the manifest summary of each valid one. Reads no tar unless `verify` (then: sha256 + key count of
+    every tar, `tools/embed_captions.py --verify`). Where a folder's index.json is current (written
+    after the manifests, sizes match) it stands in for the manifests: two stats per shard, no reads."""
+    want = [field_name(f) for f in fields] if fields else None
+    indexes: dict[str, _IndexView] = {}
+
+    def one(img: str) -> tuple[str, dict | None, str | None, bool, bool]:
+        sc = sidecar_path_for(img, cfg)
+        if not verify:
+            ip = str(index_path_for(sc, cfg))
+            if ip not in indexes:  # benign race between threads: at worst one folder's index is read twice
+                indexes[ip] = _IndexView(ip)
+            m = indexes[ip].summary(sc)
+            if m is not None:
+                reason = manifest_mismatch(m, expected_fingerprint or None, want)
+                return img, m, (f"{sc}: {reason}" if reason else None), False, True
+        m = read_manifest(sc)
+        if m is None or not (is_url(sc) or os.path.isfile(sc)):
+            return img, None, None, True, False
+        reason = validate_sidecar(sc, m, verify=verify) or manifest_mismatch(m, expected_fingerprint or None, want)
+        return img, {k: m.get(k) for k in _SUMMARY_KEYS}, (f"{sc}: {reason}" if reason else None), False, False
+
+    def chunk(part: list[str]) -> list[tuple]:
+        return [one(img) for img in part]
+
+    out = SidecarScan()
+    n = max(1, min(threads, len(image_shards)))
+    parts = [image_shards[k::n] for k in range(n)]  # a few long tasks: per-shard futures cost more than a stat
+    with ThreadPoolExecutor(n) as ex:
+        results = [r for part in ex.map(chunk, parts) for r in part]
+    order = {img: k for k, img in enumerate(image_shards)}
+    for img, m, reason, absent, from_index in sorted(results, key=lambda r: order[r[0]]):
+        if absent:
+            out.missing.append(img)
+        elif reason:
+            out.invalid.append((img, reason))
+        else:
+            out.manifests[img] = m
+            out.from_index += from_index
+    return out
+
+
 def check_sidecars(image_shards: list[str], cfg: Any, expected_fingerprint: str | None = None,
-                   fields: list[str] | None = None, verify: bool = True,
+                   fields: list[str] | None = None, verify: bool = False,
                    threads: int = 8) -> tuple[list[str], list[tuple[str, str]]]:
     """Before training: (image shards whose sidecar is missing/unfinished, [(image shard, reason)] for
-    sidecars that exist but are corrupt or from another encoder / lack a field)."""
-    want = [field_name(f) for f in fields] if fields else None
-
-    def one(img: str) -> tuple[str, str | None, bool]:
-        sc = sidecar_path_for(img, cfg)
-        m = read_manifest(sc)
-        if m is None or not Path(sc).is_file():
-            return img, None, True
-        reason = validate_sidecar(sc, m, verify=verify) or manifest_mismatch(m, expected_fingerprint or None, want)
-        return img, (f"{sc}: {reason}" if reason else None), False
-
-    missing: list[str] = []
-    invalid: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max(1, threads)) as ex:
-        for img, reason, absent in ex.map(one, image_shards):
-            if absent:
-                missing.append(img)
-            elif reason:
-                invalid.append((img, reason))
-    return missing, invalid
+    sidecars that exist but are corrupt or from another encoder / lack a field). Manifests and sizes
+    only unless `verify` (see scan_sidecars)."""
+    sc = scan_sidecars(image_shards, cfg, expected_fingerprint, fields, verify, threads)
+    return sc.missing, sc.invalid
 
 
 # --- index -----------------------------------------------------------------------------------
 def load_index(path: str | os.PathLike) -> dict[str, Any] | None:
+    raw = read_small(str(path))
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        d = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
     return d if isinstance(d, dict) and d.get("format") == INDEX_FORMAT else None
 
@@ -309,7 +429,8 @@ def write_index(path: str | os.PathLike, manifests: list[dict[str, Any]], encode
            "missing": {f: sum(len(m["missing"].get(f, [])) for m in manifests) for f in first["fields"]},
            "encoder": encoder or {}, "encoder_location": location or {},
            "entries": [{"sidecar": m["sidecar"], "image_shard": m.get("image_shard", ""), "count": m["count"],
-                        "image_samples": m["image_samples"], "sha256": m["sha256"]} for m in manifests]}
+                        "image_samples": m["image_samples"], "sha256": m["sha256"], "bytes": m["bytes"]}
+                       for m in manifests]}
     atomic_write_text(path, json.dumps(idx, indent=1))
     return idx
 

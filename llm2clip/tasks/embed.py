@@ -31,6 +31,7 @@ import numpy as np
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError, atomic_write_text, save_config
 from llm2clip.data import sidecar as S
+from llm2clip.data.io import is_url
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
 from llm2clip.schema_embed import EmbedConfig, field_name
 from llm2clip.text.batching import EncodeStats
@@ -83,7 +84,7 @@ def plan_jobs(cfg: EmbedConfig) -> list[ShardJob]:
         jobs.append(ShardJob(img, sc, 0, shard_size(img)))
     known = all(j.samples is not None for j in jobs)
     for j in jobs:
-        j.weight = int(j.samples) if known else os.path.getsize(j.image)
+        j.weight = int(j.samples) if known else (1 if is_url(j.image) else os.path.getsize(j.image))
     return jobs
 
 
@@ -128,7 +129,7 @@ def _status_unsafe(job: ShardJob, fp: str, names: list[str], dtype: str, overwri
     reason = S.validate_sidecar(job.sidecar, m, verify=verify)
     if reason:
         return "todo", reason, None
-    if m.get("image_shard_bytes") not in (None, os.path.getsize(job.image)):
+    if not is_url(job.image) and m.get("image_shard_bytes") not in (None, os.path.getsize(job.image)):
         return "todo", "image shard changed since it was embedded", None
     return "done", "", m
 
@@ -214,7 +215,8 @@ def _write_window(w: Window, emb: np.ndarray, cfg: EmbedConfig, fp: str, compute
         if bad:
             log.warning(f"{job.image}: {bad} non-finite embedding(s) dropped (fp16 overflow? try "
                         f"output.dtype=float32), e.g. {next(iter(nonfinite[si].values()))[0]}")
-        extra = {"sources": sources, "image_shard": job.image, "image_shard_bytes": os.path.getsize(job.image),
+        extra = {"sources": sources, "image_shard": job.image,
+                 "image_shard_bytes": None if is_url(job.image) else os.path.getsize(job.image),
                  "tokens": tokens[si], "nonfinite": nonfinite[si], "read_errors": w.read_errors[si],
                  "duplicate_keys": w.duplicates[si], "compute_dtype": compute_dtype}
         S.remove_stale_temps(job.sidecar)

@@ -17,8 +17,7 @@ from torch import nn
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError
 from llm2clip.data.shards import IMAGE_EXTS, expand_shards, get_caption, image_member, iter_tar_samples
-from llm2clip.data.sidecar import (JoinStats, check_sidecars, index_path_for, iter_joined, load_index, read_manifest,
-                                   sidecar_path_for)
+from llm2clip.data.sidecar import JoinStats, index_path_for, iter_joined, load_index, scan_sidecars, sidecar_path_for
 from llm2clip.data.stage2_stream import (Stage2Stream, check_topology, dataset_shards, make_loader, shard_sizes,
                                          steps_for_epochs, stream_count)
 from llm2clip.data.streams import check_streams
@@ -39,11 +38,13 @@ class MissingSidecarsError(FileNotFoundError):
 
 
 def _inspect_sidecars(shards: list[str], cfg: Stage2Config, fields: list[str]) -> dict[str, Any]:
-    """Rank 0's look at the sidecars: missing/invalid ones, else the encoder they agree on (or not)."""
-    missing, invalid = check_sidecars(shards, cfg.data.sidecar, cfg.data.fingerprint or None, fields)
-    if missing or invalid:
-        return {"missing": missing, "invalid": invalid}
-    manifests = [read_manifest(sidecar_path_for(s, cfg.data.sidecar)) for s in shards]
+    """Rank 0's look at the sidecars (manifests and sizes, or a current index.json; no tar is read or
+    hashed: that is `tools/embed_captions.py --verify`): missing/invalid ones, else the encoder they
+    agree on (or not)."""
+    scan = scan_sidecars(shards, cfg.data.sidecar, cfg.data.fingerprint or None, fields)
+    if scan.missing or scan.invalid:
+        return {"missing": scan.missing, "invalid": scan.invalid}
+    manifests = list(scan.manifests.values())
     fps = sorted({m["fingerprint"] for m in manifests})
     widths = sorted({m["width"] for m in manifests})
     if len(fps) > 1 or len(widths) > 1:
@@ -280,12 +281,11 @@ class Stage2Task:
         if self.rank == 0:
             sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
             module.save_pretrained(out_dir / "model", state_dict=sd)
-            (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
             _export_hf_vision(out_dir)
+            (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
         D.barrier()
 
 
-def run_stage2(cfg: Stage2Config) -> dict:
 def _export_hf_vision(out_dir: Path) -> None:
     """<export>/hf_vision: the trained tower as a transformers folder (what LLaVA-style models load),
     rebuilt from the saved model so it holds exactly what `llm2clip.load_model` serves."""
@@ -297,6 +297,7 @@ def _export_hf_vision(out_dir: Path) -> None:
         log.warning(f"no Hugging Face vision export: {e}")
 
 
+def run_stage2(cfg: Stage2Config) -> dict:
     from llm2clip.preflight import check_training_paths
 
     return run_training(cfg, Stage2Task, preflight=check_training_paths)
