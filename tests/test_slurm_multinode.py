@@ -92,8 +92,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def assert_same_losses(got: dict[int, float], ref: dict[int, float], steps: int) -> None:
     assert sorted(got) == sorted(ref) == list(range(1, steps + 1)), (sorted(got), sorted(ref))
-    worst = max(abs(got[s] - ref[s]) for s in ref)
-    assert worst < 1e-5, {s: (got[s], ref[s]) for s in ref}
+    # Exactly equal: with 2 ranks gloo's all-reduce sums in the same order whether the peer is a
+    # local process or another node, and a resume replays nothing (measured: difference 0.0).
+    assert got == ref, {s: (got[s], ref[s]) for s in ref}
 
 
 # ---------------------------------------------------------------------------------------- stage 1
