@@ -226,8 +226,9 @@ l2c_run_srun() {
     # differently, or not at all, on the other nodes), then execs python directly.
     # shellcheck disable=SC2016
     srun_cmd+=(bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS NODE_RANK=$SLURM_NODEID
-a=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | head -n1); a=${a%% *}
-printf "[llm2clip task] rank=%s local_rank=%s node_rank=%s host=%s master=%s(%s):%s\n" "$RANK" "$LOCAL_RANK" "$NODE_RANK" "$(uname -n)" "$MASTER_ADDR" "${a:-unresolved}" "$MASTER_PORT" >&2
+_l2c_ip=unresolved; command -v getent >/dev/null || _l2c_ip=no-getent
+_l2c_a=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | head -n1); _l2c_a=${_l2c_a%% *}
+printf "[llm2clip task] rank=%s local_rank=%s local_world_size=%s node_rank=%s host=%s master=%s(%s):%s\n" "$RANK" "$LOCAL_RANK" "${LOCAL_WORLD_SIZE:-?}" "$NODE_RANK" "$(uname -n)" "$MASTER_ADDR" "${_l2c_a:-$_l2c_ip}" "$MASTER_PORT" >&2
 exec "$@"' llm2clip-task "$@")
 
     if [[ $dry_run == 1 ]]; then

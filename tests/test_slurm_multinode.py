@@ -33,7 +33,7 @@ def REAL_SLURM(test):
 ALLOC = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
 # Logged by slurm/_common.sh: the batch shell once per run, each task once per run.
 BATCH_LINE = re.compile(r"job=(\d+) restart=(\d+) nodes=(\d+) \(([^)]*)\) world_size=(\d+) master=([^:\s]+):(\d+)")
-TASK_LINE = re.compile(r"\[llm2clip task\] rank=(\d+) local_rank=(\d+) node_rank=(\d+) host=(\S+) "
+TASK_LINE = re.compile(r"\[llm2clip task\] rank=(\d+) local_rank=(\d+) local_world_size=(\S+) node_rank=(\d+) host=(\S+) "
                        r"master=([^(]+)\(([^)]*)\):(\d+)")
 
 
@@ -70,8 +70,8 @@ def runs_of(log: str) -> list[dict]:
             runs.append({"restart": int(m[2]), "nodes": m[4].split(), "world": int(m[5]), "master": m[6],
                          "port": m[7], "tasks": {}})
         elif (m := TASK_LINE.search(line)) and runs:
-            runs[-1]["tasks"][int(m[1])] = {"node_rank": int(m[3]), "host": m[4], "master": m[5],
-                                            "master_ip": m[6], "port": m[7]}
+            runs[-1]["tasks"][int(m[1])] = {"local": (m[2], m[3]), "node_rank": int(m[4]), "host": m[5],
+                                            "master": m[6], "master_ip": m[7], "port": m[8]}
     return runs
 
 
@@ -82,6 +82,7 @@ def assert_spans_two_nodes(cluster, run: dict) -> None:
     assert run["world"] == 2 and run["master"] == first, run
     assert sorted(run["tasks"]) == [0, 1], run
     assert run["tasks"][0]["host"] == first and run["tasks"][1]["host"] == second != first, run
+    assert [(t["local"], t["node_rank"]) for _, t in sorted(run["tasks"].items())] == [(("0", "1"), 0), (("0", "1"), 1)]
     for t in run["tasks"].values():
         assert (t["master"], t["master_ip"], t["port"]) == (first, cluster.node_addr(first), run["port"]), run
 
