@@ -249,3 +249,62 @@ def test_exact_epochs_when_shards_split_evenly(tiny_world, embedded):
     # unbalanced: 3 streams over 4 shards -> a warning that epochs are approximate
     steps3, warn3 = steps_for_epochs(dataset_shards(cfg.data.shards), 1, 50, 1, 3)
     assert steps3 == 16 and "approximate" in warn3
+
+
+def test_uint8_loader_pixels_give_the_float_path_loss(tiny_world, embedded):
+    """The loader ships uint8 crops; normalised on the device they equal the old float32 worker output
+    bit for bit, and a stage-2 step's loss is the same; the validation share of a rank is uint8 too."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from llm2clip.config import load_config
+    from llm2clip.data.rng import keyed_rng
+    from llm2clip.data.shards import iter_tar_samples
+    from llm2clip.data.stage2_stream import Stage2Stream, make_loader
+    from llm2clip.data.transforms import TrainTransform
+    from llm2clip.schema_stage2 import Stage2Config
+    from llm2clip.tasks.stage2 import Stage2Task
+    import io
+
+    w = tiny_world
+    cfg = load_config(Stage2Config, None, [a for a in stage2_args(w, embedded, "/tmp/x") if a != "--set"])
+    task = Stage2Task(cfg)
+    module = task.module().float()
+    tower = task.model.tower
+    ds = Stage2Stream(cfg.data, 8, 0, 0, 1, tower.image_size, tower.mean, tower.std, False)
+    batch = next(iter(make_loader(ds, 0)))
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (8, 3, tower.image_size, tower.image_size)
+
+    def old_float_crop(img, key):  # what the workers produced before: numpy float32, normalised on the host
+        tf = TrainTransform(tower.image_size, tower.mean, tower.std, scale=tuple(cfg.data.crop_scale))
+        box = tf.crop_box(img.width, img.height, keyed_rng(0, "crop", key, 0))
+        a = np.asarray(img.convert("RGB").resize((tower.image_size,) * 2, Image.Resampling.BICUBIC, box=box),
+                       dtype=np.float32) / 255.0
+        a = (a - np.asarray(tower.mean, dtype=np.float32)) / np.asarray(tower.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+    jpgs = {s["__key__"]: s["jpg"] for sh in sorted((w["data"] / "train").glob("shard-*.tar"))
+            for s in iter_tar_samples(str(sh), want={"jpg"})}
+    old = torch.stack([old_float_crop(Image.open(io.BytesIO(jpgs[k])), k) for k in batch["keys"]])
+    new = task.device_pixels(batch["pixels"], torch.device("cpu"), torch.float32)
+    assert torch.equal(new, old)
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def __call__(self, *a):
+            return module(*a)
+
+    loss, m, n = task.loss(Engine(), batch)
+    ref = task.loss_fn(*module(old, batch["emb"].float()))
+    assert n == 8 and torch.equal(loss, ref)
+    # validation: each rank holds its own uint8 share, together the whole set once
+    shares = []
+    for rank in range(2):
+        task.rank, task.world = rank, 2
+        shares.append(task._load_val())
+    assert all(px.dtype == torch.uint8 for px, _ in shares)
+    task.rank, task.world = 0, 1
+    whole, emb = task._load_val()
+    assert sum(px.shape[0] for px, _ in shares) == whole.shape[0] > 0
+    assert torch.equal(torch.cat([shares[0][0], shares[1][0]]).sort(0).values, whole.sort(0).values)

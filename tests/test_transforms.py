@@ -104,3 +104,28 @@ def test_bad_arguments():
         train_transform(32, scale=(0.0, 1.0))
     with pytest.raises(ValueError):
         train_transform(32, ratio=(2.0, 1.0))
+
+
+def test_uint8_output_normalised_later_equals_the_float_output():
+    """normalize=False ships uint8; `normalize` (the one implementation, also behind the float output)
+    gives the float path's tensor bit for bit, in the model dtype on request; floats are refused."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from llm2clip.data.transforms import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform, normalize, sample_rng,
+                                          train_transform)
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    cases = [(lambda n: train_transform(32, normalize=n), lambda: {"rng": sample_rng(0, "k", 1)}),
+             (lambda n: eval_transform(32, normalize=n), dict)]
+    for make, kw in cases:
+        f, u = make(True)(img, **kw()), make(False)(img, **kw())
+        assert u.dtype == torch.uint8 and f.dtype == torch.float32 and u.shape == f.shape == (3, 32, 32)
+        assert torch.equal(normalize(u, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), f)
+        # the pre-uint8 reference: numpy float32 on the host
+        a = (u.permute(1, 2, 0).numpy().astype(np.float32) / 255.0 - np.asarray(OPENAI_CLIP_MEAN, np.float32)) \
+            / np.asarray(OPENAI_CLIP_STD, np.float32)
+        assert torch.equal(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))), f)
+        assert torch.equal(normalize(u[None], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, torch.bfloat16)[0], f.bfloat16())
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(f, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

@@ -2,6 +2,13 @@
 
     tf = train_transform(336, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     x = tf(pil_image, rng=sample_rng(seed, epoch, key))   # float32 tensor [3, 336, 336], normalised
+    tf = train_transform(336, normalize=False)             # uint8 [3, 336, 336]: what loader workers ship
+    x = normalize(pixels.to(device), tf.mean, tf.std, torch.bfloat16)   # ... normalised after the transfer
+
+The stage-2 loader workers ship uint8 (4x fewer host bytes than float32 through shared memory and
+pinned buffers, and over PCIe); `normalize` is the one place pixels become (x / 255 - mean) / std, on
+the device after transfer, in float32 and then cast to the model's dtype. The public preprocess
+(`llm2clip.load_model(...).preprocess`) and the eval tool keep normalised float tensors, through it.
 
 No horizontal flip: captions say "left" and "right". Randomness comes from an explicit generator so a
 resumed pipeline can reproduce crops: pass `rng` per call (e.g. `sample_rng(seed, epoch, key)`,
@@ -86,19 +93,39 @@ def random_resized_crop_params(width: int, height: int, scale: Sequence[float], 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W] (0..255)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> `dtype`, (x / 255 - mean) / std, computed in float32 on the pixels'
+    device (call it after the transfer). A float input is refused: it is normalised already (or not
+    pixels), and normalising twice would train silently on wrong inputs."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels [..., 3, H, W], got {pixels.dtype}")
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return ((pixels.to(torch.float32) / 255.0 - m) / s).to(dtype)
+
+
 def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> float32 tensor [3, H, W], (x / 255 - mean) / std."""
-    a = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    return normalize(to_uint8_tensor(img), mean, std)
+
+
+def _output(img: Image.Image, t: "TrainTransform | EvalTransform") -> torch.Tensor:
+    return to_normalized_tensor(img, t.mean, t.std) if t.normalize else to_uint8_tensor(img)
 
 
 class TrainTransform:
-    """RandomResizedCrop(image_size, scale, ratio, bicubic) -> tensor -> normalise. No flip."""
+    """RandomResizedCrop(image_size, scale, ratio, bicubic) -> tensor -> normalise (normalize=False: the
+    uint8 tensor, for `normalize` on the device). No flip."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
                  std: Sequence[float] = OPENAI_CLIP_STD, scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), seed: int | None = None):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), seed: int | None = None, normalize: bool = True):
         if not 0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
@@ -106,6 +133,7 @@ class TrainTransform:
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.rng = random.Random(seed)
+        self.normalize = normalize
 
     def crop_box(self, width: int, height: int, rng: Rng | None = None) -> tuple[int, int, int, int]:
         """-> (left, top, right, bottom) of the crop for an image of this size."""
@@ -113,23 +141,24 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, img: Image.Image, rng: Rng | None = None) -> torch.Tensor:
-        """PIL image (any mode) -> float32 [3, image_size, image_size]."""
+        """PIL image (any mode) -> float32 [3, image_size, image_size] (uint8 with normalize=False)."""
         img = to_rgb(img)
         box = self.crop_box(img.width, img.height, rng)
         s = self.image_size
-        out = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
-        return to_normalized_tensor(out, self.mean, self.std)
+        return _output(img.resize((s, s), Image.Resampling.BICUBIC, box=box), self)
 
 
 class EvalTransform:
-    """Resize the shortest side to image_size (bicubic) -> centre crop image_size² -> tensor -> normalise."""
+    """Resize the shortest side to image_size (bicubic) -> centre crop image_size² -> tensor -> normalise
+    (normalize=False: the uint8 tensor)."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                 std: Sequence[float] = OPENAI_CLIP_STD):
+                 std: Sequence[float] = OPENAI_CLIP_STD, normalize: bool = True):
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.normalize = normalize
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        """PIL image (any mode) -> float32 [3, image_size, image_size]."""
+        """PIL image (any mode) -> float32 [3, image_size, image_size] (uint8 with normalize=False)."""
         img = to_rgb(img)
         s = self.image_size
         w, h = img.size
@@ -141,18 +170,17 @@ class EvalTransform:
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
         top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
-        img = img.crop((left, top, left + s, top + s))
-        return to_normalized_tensor(img, self.mean, self.std)
+        return _output(img.crop((left, top, left + s, top + s)), self)
 
 
 def train_transform(image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
                     scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    seed: int | None = None) -> TrainTransform:
+                    seed: int | None = None, normalize: bool = True) -> TrainTransform:
     """Stage-2 training transform (paper: RandomResizedCrop scale 0.9-1.0, bicubic, CLIP mean/std)."""
-    return TrainTransform(image_size, mean, std, scale, ratio, seed)
+    return TrainTransform(image_size, mean, std, scale, ratio, seed, normalize)
 
 
 def eval_transform(image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                   std: Sequence[float] = OPENAI_CLIP_STD) -> EvalTransform:
+                   std: Sequence[float] = OPENAI_CLIP_STD, normalize: bool = True) -> EvalTransform:
     """Evaluation transform: resize shortest side + centre crop, deterministic."""
-    return EvalTransform(image_size, mean, std)
+    return EvalTransform(image_size, mean, std, normalize)

@@ -21,7 +21,7 @@ from llm2clip.data.sidecar import JoinStats, index_path_for, iter_joined, load_i
 from llm2clip.data.stage2_stream import (Stage2Stream, check_topology, dataset_shards, make_loader, shard_sizes,
                                          steps_for_epochs, stream_count)
 from llm2clip.data.streams import check_streams
-from llm2clip.data.transforms import eval_transform
+from llm2clip.data.transforms import eval_transform, normalize
 from llm2clip.engine import resolve_precision, run_training
 from llm2clip.losses.clip import ClipLoss, SigLipLoss
 from llm2clip.model.clip_model import LLM2CLIPModel
@@ -201,24 +201,35 @@ class Stage2Task:
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
         device = engine.device
         dtype = torch.bfloat16 if resolve_precision(self.cfg.train) == "bf16" else torch.float32
-        pixels = batch["pixels"].to(device, dtype)
+        pixels = self.device_pixels(batch["pixels"], device, dtype)
         emb = self._text_emb(batch, device).to(dtype)
         out = engine(pixels, emb)
         loss = self.loss_fn(*out)
         m = {"n_items": pixels.shape[0], "logit_scale": float(out[2].detach())}
         return loss, m, pixels.shape[0]
 
+    def device_pixels(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 [B, 3, H, W] from the loader (pinned under CUDA) -> normalised `dtype` on `device`: the
+        transfer moves bytes, the mean/std arithmetic runs on the device."""
+        tower = self.model.tower
+        return normalize(pixels.to(device, non_blocking=True), tower.mean, tower.std, dtype)
+
     def after_optimizer_step(self, module: nn.Module) -> None:
         module.clamp_logit_scale()
 
     # --- eval ----------------------------------------------------------------------------------
     def _load_val(self):
-        """Held-out (pixels, text embeddings) on every rank; small by construction (val_max_samples)."""
+        """This rank's share of the held-out set: (uint8 pixels [n_r, 3, H, W], text embeddings [n_r, d]).
+
+        The first val_max_samples samples with an image and a caption are candidates; candidate k goes
+        to rank k % world (pairs stay together, so the gathered features are one permutation of the
+        set and the retrieval metrics are the same); an image that does not decode is skipped."""
         c = self.cfg
         tower = self.model.tower
-        tf = eval_transform(tower.image_size, tower.mean, tower.std)
+        tf = eval_transform(tower.image_size, tower.mean, tower.std, normalize=False)
         px, embs = [], []
         fname = field_name(c.data.val_field)
+        k = 0
         for shard in expand_shards(c.data.val_shards):
             if self.online:
                 it = ({"jpg": image_member(s), "t": get_caption(s, c.data.val_field)} for s in
@@ -230,19 +241,25 @@ class Stage2Task:
             for s in it:
                 if s["jpg"] is None or s["t"] is None:
                     continue
+                if k >= c.data.val_max_samples:
+                    break
+                k += 1
+                if (k - 1) % self.world != self.rank:
+                    continue
                 try:
                     with Image.open(io.BytesIO(s["jpg"])) as im:
                         px.append(tf(im))
                 except Exception:  # noqa: BLE001 - counted by the eval tool; here just skipped
                     continue
                 embs.append(s["t"])
-                if len(px) >= c.data.val_max_samples:
-                    break
-            if len(px) >= c.data.val_max_samples:
+            if k >= c.data.val_max_samples:
                 break
+        size = (0, 3, tower.image_size, tower.image_size)
+        pixels = torch.stack(px) if px else torch.zeros(size, dtype=torch.uint8)
         if self.online:  # captions -> embeddings with the frozen encoder, as in training
-            return torch.stack(px), self.embedder.embed(embs, desc="stage-2 val captions")
-        return torch.stack(px), torch.as_tensor(np.stack(embs), dtype=torch.float32)
+            return pixels, (self.embedder.embed(embs, desc="stage-2 val captions") if embs else
+                            torch.zeros(0, self.llm_dim))
+        return pixels, torch.as_tensor(np.stack(embs) if embs else np.zeros((0, self.llm_dim)), dtype=torch.float32)
 
     def evaluate(self, engine, step: int) -> dict[str, float]:
         if not self.cfg.data.val_shards:
@@ -251,26 +268,24 @@ class Stage2Task:
 
         if self._val is None:
             self._val = self._load_val()
-        px, emb = self._val
-        n = px.shape[0]
-        per = -(-n // self.world)
-        lo, hi = self.rank * per, min(n, (self.rank + 1) * per)
+        px, emb = self._val  # this rank's share
         module = engine.module
         was = module.training
         module.eval()
         dtype = next(module.parameters()).dtype
         img_f, txt_f = [], []
         with torch.no_grad():
-            for i in range(lo, hi, 128):
-                j = min(hi, i + 128)
-                img_f.append(F.normalize(module.encode_image(px[i:j].to(engine.device, dtype)).float(), dim=-1))
+            for i in range(0, px.shape[0], 128):
+                j = min(px.shape[0], i + 128)
+                img_f.append(F.normalize(module.encode_image(self.device_pixels(px[i:j], engine.device, dtype)).float(),
+                                         dim=-1))
                 txt_f.append(F.normalize(module.encode_text_embedding(emb[i:j].to(engine.device, dtype)).float(),
                                          dim=-1))
         module.train(was)
         E = self.model.embed_dim
         img = D.gather_no_grad(torch.cat(img_f) if img_f else torch.zeros(0, E, device=engine.device)).cpu()
         txt = D.gather_no_grad(torch.cat(txt_f) if txt_f else torch.zeros(0, E, device=engine.device)).cpu()
-        r = retrieval_metrics(img @ txt.T, torch.arange(n), ks=(1, 5))
+        r = retrieval_metrics(img @ txt.T, torch.arange(img.shape[0]), ks=(1, 5))
         return {f"eval/{k}": float(v) for k, v in r.items()}
 
     # --- export --------------------------------------------------------------------------------
