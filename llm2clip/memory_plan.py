@@ -1,0 +1,452 @@
+"""Per-GPU memory plan of a stage-1, embed or stage-2 run, from the model's config.json alone.
+
+    plan = plan_stage1(cfg, world=8, gpu_mem_gib=80)
+    print(plan.table())            # bytes by component, total, verdict
+
+No weights are read. Parameter counts are exact: the model is built on the meta device
+(`AutoModel.from_config` under `torch.device("meta")`), with the LoRA applied by peft as training does.
+Parameter, gradient and optimizer bytes follow what DeepSpeed allocates for the ZeRO stage (checked
+against a live engine in tests/test_memory_plan.py). Activations come from tracing one and two layers
+of the meta model under `torch.autograd.graph.saved_tensors_hooks` (the tensors autograd keeps for
+backward, deduplicated by storage, parameters left out) at two sequence lengths: the linear part is the
+per-token activation memory, the quadratic part is the attention workspace of a kernel that keeps the
+probabilities (eager; SDPA's math path). Flash-attention keeps none (only a log-sum-exp per token).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GiB = 1024 ** 3
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    task: str
+    world: int
+    gpu_mem_gib: float
+    components: list[Component] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, nbytes: float, note: str = "") -> None:
+        self.components.append(Component(name, int(nbytes), note))
+
+    def get(self, name: str) -> int:
+        return sum(c.bytes for c in self.components if c.name == name)
+
+    @property
+    def total(self) -> int:
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_mem_gib * GiB
+
+    def verdict(self) -> str:
+        t = self.total / GiB
+        if self.fits:
+            return f"fits: {t:.1f} GiB of {self.gpu_mem_gib:g} GiB per GPU ({self.gpu_mem_gib - t:.1f} GiB spare)"
+        return (f"DOES NOT FIT: {t:.1f} GiB needed per GPU, {self.gpu_mem_gib:g} GiB available; lower "
+                "train.micro_batch_size, turn on text.gradient_checkpointing, or use more GPUs / ZeRO-3")
+
+    def table(self) -> str:
+        head = f"memory plan: {self.task}, {self.world} GPU(s), " + ", ".join(f"{k}={v}" for k, v in self.info.items())
+        rows = [head] + [f"  {c.name:<24} {c.bytes / GiB:9.3f} GiB  {c.note}" for c in self.components]
+        rows += [f"  {'total':<24} {self.total / GiB:9.3f} GiB", "  " + self.verdict()]
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "world": self.world, "gpu_mem_gib": self.gpu_mem_gib, "info": self.info,
+                "components": {c.name: c.bytes for c in self.components}, "total": self.total, "fits": self.fits}
+
+
+# ---- the model on the meta device --------------------------------------------------------------------
+def read_model_config(model_path: str, key: str = "text.model_path"):
+    """transformers config of a local model folder; a one-line error naming the key when it has none."""
+    from transformers import AutoConfig
+
+    p = Path(model_path)
+    if not (p / "config.json").is_file():
+        raise PlanError(f"{key}: {p} has no config.json; point {key} at a HuggingFace model folder "
+                        "(the plan reads only its config.json, no weights)")
+    return AutoConfig.from_pretrained(str(p), local_files_only=True)
+
+
+def meta_model(hf_cfg, lora=None, attn: str = "sdpa", layers: int | None = None):
+    """The backbone (AutoModel, no LM head) on the meta device, LoRA applied as stage 1 does."""
+    from transformers import AutoModel
+
+    cfg = type(hf_cfg).from_dict(hf_cfg.to_dict())
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    if getattr(cfg, "model_type", "") not in _ENCODER_ONLY:
+        cfg.is_causal = False
+    with torch.device("meta"):
+        model = AutoModel.from_config(cfg, attn_implementation=attn)
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        from llm2clip.text.encoder import default_lora_targets
+
+        targets = default_lora_targets(model, lora.target_modules)
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 bias="none", target_modules=targets))
+    return model
+
+
+_ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "jina_bert", "modernbert", "electra", "deberta-v2"}
+
+
+@dataclass
+class ParamCounts:
+    frozen: list[int]  # numel of each frozen tensor
+    trainable: list[int]  # numel of each trainable tensor
+
+    @property
+    def n_frozen(self) -> int:
+        return sum(self.frozen)
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(self.trainable)
+
+
+def count_params(model) -> ParamCounts:
+    fr, tr = [], []
+    for p in model.parameters():
+        (tr if p.requires_grad else fr).append(p.numel())
+    return ParamCounts(fr, tr)
+
+
+@dataclass
+class Activations:
+    per_token_layer: float  # bytes kept for backward per token per layer
+    per_token_fixed: float  # embeddings, final norm, pooling: per token, once
+    quad_layer: float  # bytes per (row x width^2) per layer: attention probabilities (eager / SDPA math)
+
+
+def _saved_bytes(model, width: int, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for backward in one forward of a packed [1, width] row (meta device): the
+    block-diagonal float mask and explicit positions the stage-1 step passes, mean pooling in fp32."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.zeros(1, width, dtype=torch.long, device="meta")
+    mask = torch.zeros(1, 1, width, width, dtype=dtype, device="meta")
+    pos = torch.arange(width, device="meta")[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        hidden.float().mean(1)
+    return sum(seen.values())
+
+
+def trace_activations(hf_cfg, lora=None, dtype: torch.dtype = torch.bfloat16) -> Activations:
+    """Per-token (per layer and fixed) and quadratic activation bytes from meta traces of 1 and 2 layers
+    at widths 32 and 64 (eager attention, so the probabilities show up as the quadratic term)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # meta parameters (and so activations) in the compute dtype
+    try:
+        s = {}
+        for L in (1, 2):
+            # DeepSpeed casts the whole module (LoRA included, which peft keeps in fp32) to bf16
+            m = meta_model(hf_cfg, lora, attn="eager", layers=L).to(dtype)
+            m.train()
+            for W in (32, 64):
+                s[L, W] = _saved_bytes(m, W, dtype)
+    finally:
+        torch.set_default_dtype(old)
+    # bytes(L, W) = L (a W + q W^2) + c W; solve from the four traces
+    per_layer = {W: s[2, W] - s[1, W] for W in (32, 64)}
+    fixed = {W: s[1, W] - per_layer[W] for W in (32, 64)}
+
+    def split(v):  # v(W) = x W + y W^2 -> (x, y)
+        y = (v[64] - 2 * v[32]) / (64 * 64 - 2 * 32 * 32)
+        return (v[32] - y * 32 * 32) / 32, y
+
+    a, q = split(per_layer)
+    c, _ = split(fixed)
+    return Activations(per_token_layer=a, per_token_fixed=c, quad_layer=q)
+
+
+# ---- DeepSpeed state ----------------------------------------------------------------------------
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def zero_state(counts: ParamCounts, stage: int, world: int, pbytes: int, ds: dict) -> list[Component]:
+    """Per-rank bytes of the model, fp32 master, gradients and Adam states under a ZeRO stage, as DeepSpeed
+    0.19 allocates them: stage 3 partitions every tensor (ceil(numel / world) each, plus a whole copy of
+    those under stage3_param_persistence_threshold); stages 1/2 partition master, gradients and optimizer
+    state of the flat trainable group; the low-precision model stays whole below stage 3."""
+    zo = ds.get("zero_optimization", {}) or {}
+    shard = world if stage >= 1 else 1
+    n_tr = counts.n_trainable
+    if stage == 3:
+        thr = int(zo.get("stage3_param_persistence_threshold", 100000))
+        part = lambda ns: sum(_ceil_div(n, world) for n in ns)  # noqa: E731
+        # persistent (small) tensors also stay whole on every rank; at world 1 the partition is the whole
+        persist = lambda ns: sum(n for n in ns if n <= thr) if world > 1 else 0  # noqa: E731
+        base = (part(counts.frozen) + persist(counts.frozen)) * pbytes
+        train = (part(counts.trainable) + persist(counts.trainable)) * pbytes
+        tr_part = part(counts.trainable)
+    else:
+        base, train = counts.n_frozen * pbytes, n_tr * pbytes
+        tr_part = _ceil_div(n_tr, shard)
+    out = [Component("base weights", base, "frozen, " + ("ZeRO-3 partitioned" if stage == 3 else "whole on every rank")),
+           Component("trainable params", train, "low-precision copy the model runs on")]
+    master = 0 if (stage == 0 and pbytes == 4) else tr_part * 4
+    out.append(Component("fp32 master", master, "" if master else "fp32 training: the params are the master"))
+    if stage == 0:
+        grads = n_tr * pbytes
+    elif stage == 3:
+        grads = tr_part * pbytes  # grad_partitions_flat_buffer (gradient accumulation dtype = param dtype)
+    else:
+        grads = tr_part * 4  # the fp32 reduction result in this rank's partition
+    out.append(Component("gradients", grads, f"{'partitioned' if stage >= 1 else 'whole'}"))
+    # + AdamW's fp32 `step` scalar per tensor it sees (ZeRO hands it one flat tensor per group)
+    steps = 4 * (len(counts.trainable) if stage == 0 else 1)
+    out.append(Component("optimizer states", 2 * 4 * tr_part + steps, "AdamW exp_avg + exp_avg_sq, fp32"))
+    return out
+
+
+def zero_buckets(stage: int, pbytes: int, ds: dict, largest_layer: int) -> Component:
+    """Communication buffers: the gradient reduce bucket(s) and, for ZeRO-3, the gathered parameters in
+    flight (prefetch bucket + the layer being computed)."""
+    zo = ds.get("zero_optimization", {}) or {}
+    if stage == 0:
+        return Component("deepspeed buckets", 0, "none at ZeRO-0")
+    rb = int(float(zo.get("reduce_bucket_size", 5e8)))
+    if stage == 3:
+        prefetch = int(float(zo.get("stage3_prefetch_bucket_size", 5e7)))
+        live = min(int(float(zo.get("stage3_max_live_parameters", 1e9))), 2 * largest_layer)
+        b = rb * pbytes + (prefetch + live) * pbytes
+        return Component("deepspeed buckets", b, "reduce bucket + prefetch + gathered layers in flight")
+    n = 2 if zo.get("overlap_comm", stage == 3) else 1
+    red = 4 if stage == 1 else pbytes
+    return Component("deepspeed buckets", n * rb * red, f"{n} reduce bucket(s)")
+
+
+def _layer_numel(model) -> int:
+    """numel of the largest decoder/encoder layer (what ZeRO-3 gathers at once)."""
+    best = 0
+    for mod in model.modules():
+        if type(mod).__name__.endswith(("DecoderLayer", "Layer")) and mod is not model:
+            best = max(best, sum(p.numel() for p in mod.parameters()))
+    return best
+
+
+def _precision(train) -> str:
+    return "bf16" if train.precision == "auto" else train.precision  # a plan is for the GPU run
+
+
+def _ds(train) -> tuple[dict, int]:
+    if not train.deepspeed_config:
+        return {}, int(train.zero_stage or 0)
+    from llm2clip.engine import read_ds_json
+
+    ds = read_ds_json(train.deepspeed_config)
+    stage = train.zero_stage if train.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)
+    return ds, int(stage)
+
+
+def _activation_components(plan: MemoryPlan, hf_cfg, act: Activations, tokens: int, rows: int, width: int,
+                           layers: int, ckpt: bool, attn: str, pbytes: int) -> None:
+    """attn: "flash" (flash-attn varlen: no mask), "sdpa" (fused kernel + the packed block mask) or
+    "eager" (probabilities kept, the quadratic term of the trace)."""
+    hidden = int(hf_cfg.hidden_size)
+    heads = int(getattr(hf_cfg, "num_attention_heads", 1))
+    head_dim = int(getattr(hf_cfg, "head_dim", None) or hidden // heads)
+    per_layer = act.per_token_layer
+    if attn != "eager":  # a fused kernel also keeps its output for backward (eager's trace has the probs)
+        per_layer += heads * head_dim * pbytes
+    # pooling keeps the selected hidden rows and the selection (bool mask + int64 segment ids)
+    fixed = act.per_token_fixed + hidden * pbytes + 9
+    full = layers * per_layer * tokens + fixed * tokens
+    with_ckpt = layers * hidden * pbytes * tokens + per_layer * tokens + fixed * tokens
+    plan.add("activations", with_ckpt if ckpt else full,
+             f"{tokens:,} tokens; {per_layer / 1024:.1f} KiB/token/layer; without checkpointing "
+             f"{full / GiB:.2f} GiB, with {with_ckpt / GiB:.2f} GiB")
+    if attn == "eager":
+        quad = act.quad_layer * rows * width * width * (1 if ckpt else layers)
+        plan.add("attention workspace", quad, "eager: attention probabilities")
+    else:
+        plan.add("attention workspace", (1 if ckpt else layers) * heads * tokens * 4,
+                 "fused kernel: log-sum-exp per token and head")
+    if attn == "sdpa":  # eager adds the mask to the scores (nothing kept); flash-attn varlen has none
+        plan.add("attention mask", rows * width * width * pbytes, "packed rows' block-diagonal mask")
+
+
+def plan_stage1(cfg, world: int, gpu_mem_gib: float = 80.0, tokens_per_caption: int | None = None) -> MemoryPlan:
+    """tokens_per_caption: mean caption length in tokens (instruction and template included); default
+    text.max_length, the worst case (packing removes padding, so shorter captions cost less)."""
+    prec = _precision(cfg.train)
+    pbytes = _DTYPE_BYTES[prec]
+    dtype = torch.bfloat16 if pbytes == 2 else torch.float32
+    ds, stage = _ds(cfg.train)
+    hf_cfg = read_model_config(cfg.text.model_path)
+    model = meta_model(hf_cfg, cfg.lora)
+    counts = count_params(model)
+    layers = int(hf_cfg.num_hidden_layers)
+    n_capt = cfg.train.micro_batch_size * (3 if cfg.data.hard_negatives else 2)
+    width = cfg.text.max_length
+    tokens = n_capt * min(width, tokens_per_caption or width)
+    # auto = flash-attn on the GPU the plan is for (its varlen route needs no mask); SDPA's fused kernels
+    # keep no probabilities either, but the packed rows' mask
+    attn = {"auto": "flash", "flash_attention_2": "flash"}.get(cfg.text.attn_implementation,
+                                                               cfg.text.attn_implementation)
+    plan = MemoryPlan("stage1", world, gpu_mem_gib,
+                      info={"model": Path(cfg.text.model_path).name, "zero": stage, "precision": prec,
+                            "micro_batch": cfg.train.micro_batch_size, "max_length": width,
+                            "grad_ckpt": cfg.text.gradient_checkpointing, "lora_r": cfg.lora.r if cfg.lora.enabled else 0,
+                            "params": f"{counts.n_frozen:,} frozen + {counts.n_trainable:,} trainable"})
+    plan.components += zero_state(counts, stage, world, pbytes, ds)
+    act = trace_activations(hf_cfg, cfg.lora, dtype)
+    _activation_components(plan, hf_cfg, act, tokens, n_capt, width, layers, cfg.text.gradient_checkpointing,
+                           attn, pbytes)
+    g = n_capt * world
+    n_local = cfg.train.micro_batch_size
+    # gathered embeddings (fp32) + logits of the local queries against every document, and their softmax
+    plan.add("contrastive logits", g * int(hf_cfg.hidden_size) * 4 + 3 * n_local * g * 4,
+             f"{n_local} queries x {g} gathered captions")
+    plan.components.append(zero_buckets(stage, pbytes, ds, _layer_numel(model)))
+    return plan
+
+
+def plan_embed(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
+    """The frozen LLM whole on every GPU (no gradients) + one forward's transient tensors."""
+    from llm2clip.text.encoder import resolve_dtype
+
+    hf_cfg = read_model_config(cfg.text.model_path)
+    dt = cfg.text.dtype if cfg.text.dtype != "auto" else "bfloat16"
+    pbytes = 4 if resolve_dtype(dt) == torch.float32 else 2
+    counts = count_params(meta_model(hf_cfg))
+    plan = MemoryPlan("embed", world, gpu_mem_gib, info={"model": Path(cfg.text.model_path).name,
+                                                          "token_budget": cfg.batch.token_budget})
+    plan.add("base weights", counts.n_frozen * pbytes, "frozen, whole on every rank (inference)")
+    h = int(hf_cfg.hidden_size)
+    f = int(getattr(hf_cfg, "intermediate_size", 4 * h))
+    T = cfg.batch.token_budget
+    # no graph: the residual stream + one layer's widest intermediates (gate, up, act) alive at once
+    plan.add("activations", T * (3 * h + 3 * f) * pbytes, f"{T:,} tokens, one layer at a time (no grad)")
+    plan.add("attention workspace", int(getattr(hf_cfg, "num_attention_heads", 1)) * T * 4, "flash-attn lse")
+    return plan
+
+
+def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
+    """Vision tower (trained) + projection + adapter on precomputed embeddings."""
+    from llm2clip.model.adapter import LLMAdapter
+
+    prec = _precision(cfg.train)
+    pbytes = _DTYPE_BYTES[prec]
+    ds, stage = _ds(cfg.train)
+    hf_cfg = read_model_config(cfg.vision.path, "vision.path")
+    vcfg = getattr(hf_cfg, "vision_config", hf_cfg)
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        tower = AutoModel.from_config(vcfg)
+        llm_dim = cfg.model.llm_dim or 4096
+        adapter = LLMAdapter(llm_dim, cfg.model.embed_dim, cfg.model.adapter_blocks, cfg.model.adapter_expansion,
+                             cfg.model.adapter_dropout)
+    n_tower = sum(p.numel() for p in tower.parameters())
+    tr = [p.numel() for p in tower.parameters()] + [p.numel() for p in adapter.parameters()]
+    tr.append(int(getattr(vcfg, "hidden_size", 1024)) * cfg.model.embed_dim)  # visual_proj
+    counts = ParamCounts([], tr)
+    B = cfg.train.micro_batch_size
+    img = cfg.vision.image_size or int(getattr(vcfg, "image_size", 224))
+    patch = int(getattr(vcfg, "patch_size", 14))
+    tokens = B * ((img // patch) ** 2 + 1)
+    plan = MemoryPlan("stage2", world, gpu_mem_gib, info={"tower": Path(cfg.vision.path).name, "zero": stage,
+                                                           "precision": prec, "micro_batch": B, "image": img,
+                                                           "params": f"{n_tower:,} tower + adapter"})
+    plan.components += zero_state(counts, stage, world, pbytes, ds)
+    h = int(getattr(vcfg, "hidden_size", 1024))
+    f = int(getattr(vcfg, "intermediate_size", 4 * h))
+    L = int(getattr(vcfg, "num_hidden_layers", 24))
+    # ViT block: ~ (8 h + 2 f) values per token saved (norms, qkv, attn out, mlp in/act) — no meta trace
+    # for vision towers yet (their forward takes pixels)
+    per = (8 * h + 2 * f) * pbytes
+    ck = cfg.vision.gradient_checkpointing
+    full = L * per * tokens
+    plan.add("activations", (L * h * pbytes * tokens + per * tokens) if ck else full,
+             f"{tokens:,} patch tokens; without checkpointing {full / GiB:.2f} GiB")
+    g = B * world
+    plan.add("contrastive logits", 2 * g * cfg.model.embed_dim * 4 + 3 * B * g * 4, f"{B} x {g} logits")
+    plan.components.append(zero_buckets(stage, pbytes, ds, 0))
+    return plan
+
+
+def detect_task(raw: dict) -> str:
+    if "vision" in raw:
+        return "stage2"
+    if "lora" in raw or "sources" in (raw.get("data") or {}):
+        return "stage1"
+    if "batch" in raw or "output" in raw:
+        return "embed"
+    raise PlanError("cannot tell the config's task (stage1 has lora/data.sources, embed has batch/output, stage2 "
+                    "has vision); pass --task stage1|embed|stage2")
+
+
+def plan_from_config(path: str, world: int, gpu_mem_gib: float = 80.0, task: str = "auto",
+                     overrides: list[str] | None = None, tokens_per_caption: int | None = None) -> MemoryPlan:
+    import yaml
+
+    from llm2clip.config import load_config
+
+    if task == "auto":
+        task = detect_task(yaml.safe_load(Path(path).read_text()) or {})
+    if task == "stage1":
+        from llm2clip.schema import Stage1Config
+
+        return plan_stage1(load_config(Stage1Config, path, overrides), world, gpu_mem_gib, tokens_per_caption)
+    if task == "embed":
+        from llm2clip.schema_embed import EmbedConfig
+
+        return plan_embed(load_config(EmbedConfig, path, overrides), world, gpu_mem_gib)
+    if task == "stage2":
+        from llm2clip.schema_stage2 import Stage2Config
+
+        return plan_stage2(load_config(Stage2Config, path, overrides), world, gpu_mem_gib)
+    raise PlanError(f"--task {task!r}: use stage1, embed or stage2")
+
+
+def device_memory_gib() -> float:
+    """Memory of this rank's GPU (GiB); on CPU the host's (what a CPU run can use)."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+def log_plan(plan: MemoryPlan, log) -> None:
+    """What the trainers call at start: the table, and a warning before the first step when it won't fit."""
+    log.info(plan.table())
+    if not plan.fits:
+        log.warning(f"memory plan: {plan.verdict()}")
+
+
+def dump(plan: MemoryPlan) -> str:
+    return json.dumps(plan.as_dict(), indent=1)
