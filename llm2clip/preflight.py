@@ -100,16 +100,17 @@ def _file(key: str, path: str, out: list[Problem]) -> None:
         out.append((key, path, "no such file"))
 
 
-def shard_fields(shard: str, n_samples: int = FIELD_PROBE_SAMPLES) -> tuple[set[str], int]:
-    """Caption field specs ("txt", "json:NAME") non-empty in any of a shard's first samples, and how many
-    samples were read."""
+def shard_fields(shard: str, n_samples: int = FIELD_PROBE_SAMPLES) -> tuple[set[str], int, bool]:
+    """Caption field specs ("txt", "json:NAME") non-empty in any of a shard's first samples, how many
+    samples were read, and whether reading failed (then the shard is no evidence either way)."""
     import json
 
-    from llm2clip.data.shards import iter_tar_samples
+    from llm2clip.data.shards import ReadStats, iter_tar_samples
 
     found: set[str] = set()
     n = 0
-    for n, s in enumerate(iter_tar_samples(shard, want={"txt", "json"}), 1):
+    rs = ReadStats()
+    for n, s in enumerate(iter_tar_samples(shard, rs, want={"txt", "json"}, count=n_samples), 1):
         txt = s.get("txt")
         if isinstance(txt, bytes) and txt.strip():
             found.add("txt")
@@ -122,7 +123,7 @@ def shard_fields(shard: str, n_samples: int = FIELD_PROBE_SAMPLES) -> tuple[set[
                          if (isinstance(v, str) and v.strip()) or (isinstance(v, list) and v))
         if n >= n_samples:
             break
-    return found, n
+    return found, n, bool(rs.read_errors)
 
 
 def _fields(key: str, shards_key: str, shards: list[str], fields: list[str], need: int | None,
@@ -132,7 +133,10 @@ def _fields(key: str, shards_key: str, shards: list[str], fields: list[str], nee
     if not shards or not fields:
         return
     step = max(1, len(shards) // FIELD_PROBE_SHARDS)
-    probed = {s: shard_fields(s) for s in shards[::step][:FIELD_PROBE_SHARDS]}
+    read = {s: shard_fields(s) for s in shards[::step][:FIELD_PROBE_SHARDS]}
+    probed = {s: (f, n) for s, (f, n, failed) in read.items() if not failed}  # read errors: counted in training
+    if not probed:
+        return
     have = set().union(*(f for f, _ in probed.values()))
     missing = [f for f in fields if f not in have]
     if not missing or (need is not None and len(fields) - len(missing) >= need):
