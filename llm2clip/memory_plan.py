@@ -341,10 +341,10 @@ def plan_embed(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
     hf_cfg = read_model_config(cfg.text.model_path)
     dt = cfg.text.dtype if cfg.text.dtype != "auto" else "bfloat16"
     pbytes = 4 if resolve_dtype(dt) == torch.float32 else 2
-    counts = count_params(meta_model(hf_cfg))
+    n = sum(p.numel() for p in meta_model(hf_cfg).parameters())
     plan = MemoryPlan("embed", world, gpu_mem_gib, info={"model": Path(cfg.text.model_path).name,
                                                           "token_budget": cfg.batch.token_budget})
-    plan.add("base weights", counts.n_frozen * pbytes, "frozen, whole on every rank (inference)")
+    plan.add("base weights", n * pbytes, f"{n:,} params, frozen, whole on every rank (inference)")
     h = int(hf_cfg.hidden_size)
     f = int(getattr(hf_cfg, "intermediate_size", 4 * h))
     T = cfg.batch.token_budget
