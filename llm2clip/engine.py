@@ -209,6 +209,7 @@ class Trainer:
         torch.manual_seed(self.run_cfg.seed + D.get_rank())
         if D.get_rank() == 0:
             save_config(self.full_config, self.out / "config.yaml")
+            self._log_memory_plan()
         engine, ds_cfg = self._build_engine()
         if D.get_rank() == 0:
             atomic_write_text(self.out / "deepspeed_config.json", json.dumps(ds_cfg, indent=1))
@@ -292,6 +293,21 @@ class Trainer:
         if D.get_rank() == 0:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+    def _log_memory_plan(self) -> None:
+        """Rank 0 logs the task's memory plan (llm2clip/memory_plan.py) before the model loads, and warns
+        when it will not fit this device. The plan informs; a failure to make one never stops the run."""
+        fn = getattr(self.task, "memory_plan", None)
+        if fn is None:
+            return
+        from llm2clip.memory_plan import device_memory_gib, log_plan
+
+        try:
+            plan = fn(D.get_world_size(), device_memory_gib())
+        except Exception as e:  # noqa: BLE001
+            self.log.warning(f"memory plan unavailable ({type(e).__name__}: {e})")
+            return
+        log_plan(plan, self.log)
 
     def _counters(self) -> dict[str, float]:
         """The task's counters summed over ranks (collective: every rank calls it at the same step)."""
