@@ -82,6 +82,11 @@ class Stage1Task:
                                      encoder=self.encoder, ptok=self.ptok, lockstep=True)
         return self.encoder
 
+    def memory_plan(self, world: int, gpu_mem_gib: float):  # logged by the engine before the model loads
+        from llm2clip.memory_plan import plan_stage1
+
+        return plan_stage1(self.cfg, world, gpu_mem_gib)
+
     def param_groups(self, module: nn.Module) -> list[dict]:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:

@@ -150,6 +150,11 @@ class Stage2Task:
             self.model.save_pretrained(Path(c.run.output_dir) / "export" / "initial_model")
         return self.model
 
+    def memory_plan(self, world: int, gpu_mem_gib: float):  # logged by the engine before the model loads
+        from llm2clip.memory_plan import plan_stage2
+
+        return plan_stage2(self.cfg, world, gpu_mem_gib)
+
     def param_groups(self, module: nn.Module) -> list[dict]:
         o = self.cfg.optim
         return param_groups_for_llm2clip(module, o.lr, o.head_lr or o.lr, o.adapter_lr or o.lr, o.weight_decay,
