@@ -52,6 +52,18 @@ def test_nonfinite_skip_discards_the_step_and_goes_on(tmp_path):
 
 
 @pytest.mark.slow
+def test_nonfinite_gradient_with_finite_losses_is_skipped_naming_every_rank(tmp_path):
+    p = torchrun(NONFINITE, [str(tmp_path / "run"), "grad"], timeout=120, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert ("non-finite gradient at step 3 (every rank's loss was finite): rank 0 (first sample keys: r0-b3-0, "
+            "r0-b3-1, r0-b3-2, r0-b3-3), rank 1 (first sample keys: r1-b3-0") in out, out[-3000:]
+    for r in (0, 1):
+        w = _weights(out, r)
+        assert w[4] == w[3] and w[5] != w[4]
+
+
+@pytest.mark.slow
 def test_nonfinite_skip_fails_after_too_many_in_a_row(tmp_path):
     p = torchrun(NONFINITE, [str(tmp_path / "run"), "skip_always"], timeout=120, check=False)
     out = p.stdout + p.stderr

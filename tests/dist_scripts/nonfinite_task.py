@@ -4,6 +4,7 @@ argv: run_dir mode, where mode is
   fail         NaN at step 3 only; train.on_nonfinite=fail (the default)
   skip         NaN at step 3 only; on_nonfinite=skip: step 3 is discarded, training goes on
   skip_always  NaN from step 3 on; on_nonfinite=skip with max_consecutive_skips=2: fails at step 5
+  grad         finite inputs and losses, but rank 1's gradient is NaN at step 3; on_nonfinite=skip
 Each rank prints the weights it saw before every step ("weights <step> <values>") and its counters go
 through the engine's per-log-step sum (rank r counts r + 1 per batch).
 """
@@ -49,7 +50,7 @@ class ToyTask:
             i += 1
             x = torch.randn(4, 4, generator=g)
             step = i  # grad_accum=1: batch i is step i
-            if D.get_rank() == 1 and (step == 3 or (MODE == "skip_always" and step >= 3)):
+            if MODE != "grad" and D.get_rank() == 1 and (step == 3 or (MODE == "skip_always" and step >= 3)):
                 x[0, 0] = float("nan")
             yield {"x": x, "keys": [f"r{D.get_rank()}-b{i}-{j}" for j in range(4)]}
 
@@ -63,7 +64,11 @@ class ToyTask:
         self.calls += 1
         w = engine.module.weight.detach().flatten().tolist()
         print(f"rank {D.get_rank()}: weights {self.calls} {w}", flush=True)
-        return engine(batch["x"]).pow(2).mean(), {"n_items": 4}, 4
+        y = engine(batch["x"])
+        loss = y.pow(2).mean()
+        if MODE == "grad" and D.get_rank() == 1 and self.calls == 3:
+            loss = loss + torch.sqrt(y.sum() * 0.0)  # adds 0 to the loss, NaN (inf * 0) to the gradient
+        return loss, {"n_items": 4}, 4
 
     def evaluate(self, engine, step):
         return {}
