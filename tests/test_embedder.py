@@ -253,3 +253,23 @@ def test_attention_backends_agree_gpu():
     from llm2clip.testing.attention_check import check_attention_backends
 
     assert check_attention_backends()["ok"]
+
+
+def test_export_record_pool_scope_is_checked(tiny_world, tmp_path):
+    """A stage-1 record from before pool_scope pooled the caption only: with a template that has closing
+    tokens the embed step must be told (pool_scope=caption); without one both scopes pool the same."""
+    import json
+    import shutil
+
+    from llm2clip.config import ConfigError
+    from llm2clip.text.settings import check_against_export
+
+    export = tmp_path / "merged"
+    shutil.copytree(tiny_world["llama"], export)
+    (export / "llm2clip_text.json").write_text(json.dumps({"pooling": "mean", "attention": "bidirectional",
+                                                           "template": "llama3", "max_length": 64}))
+    with pytest.raises(ConfigError, match="text.pool_scope='llm2vec'.*pool_scope='caption'"):
+        check_against_export(TextEncoderConfig(model_path=str(export), template="llama3"))
+    check_against_export(TextEncoderConfig(model_path=str(export), template="llama3", pool_scope="caption"))
+    (export / "llm2clip_text.json").write_text(json.dumps({"pooling": "mean", "template": "none"}))
+    check_against_export(TextEncoderConfig(model_path=str(export)))

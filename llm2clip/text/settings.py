@@ -66,7 +66,10 @@ def check_against_export(cfg: TextEncoderConfig) -> None:
         return
     theirs = recorded_settings(info)
     mine = encoder_settings(cfg)
+    no_tail = not mine["template"].partition("{text}")[2]  # then pool_scope pools the same tokens either way
     for key in ("pooling", "attention", "template", "pool_scope", "pool_special_tokens"):
+        if key == "pool_scope" and no_tail:
+            continue
         t = TEMPLATES.get(theirs[key], theirs[key]) if key == "template" and key in theirs else theirs.get(key)
         if t is not None and mine[key] != t:
             shown = cfg.template if key == "template" else mine[key]
