@@ -17,9 +17,14 @@ def test_pipeline_runs_end_to_end_and_reports(tmp_path):
     assert s["stage1"]["eval_end"]["eval/cra"] > s["stage1"]["eval_start"]["eval/cra"]
     res = s["eval"]
     assert set(res) == {"llm2clip", "untrained", "clip_baseline"}
-    assert res["llm2clip"]["retrieval"]["t2i_R@1"] > res["untrained"]["retrieval"]["t2i_R@1"]
-    assert (out / "stage1/tb").is_dir() and (out / "stage2/tb").is_dir()
+    assert set(res["clip_baseline"]) == {"short", "long", "colors"}  # the trained baseline, every column
+    assert res["llm2clip"]["long"]["t2i_R@1"] > res["untrained"]["long"]["t2i_R@1"]
+    assert (out / "stage1/tb").is_dir() and (out / "stage2/tb").is_dir() and (out / "clip_baseline/tb").is_dir()
+    # the exported models are named in the table and exist: the HF vision folder, the trained baseline
+    assert (out / "stage2/export/hf_vision/config.json").is_file() and str(out / "stage2/export/hf_vision") in p.stdout
+    assert (out / "clip_baseline/export/model/model.safetensors").is_file()
+    assert "tensorboard --logdir" in p.stdout
     # rerun with --skip-done: nothing is recomputed, the same table comes out
     p2 = run_cmd([sys.executable, str(ROOT / "tools/run_pipeline.py"), "--out", str(out), "--train", "400",
                   "--val", "100", "--stage1-steps", "10", "--stage2-steps", "40", "--skip-done"], timeout=300)
-    assert p2.stdout.count("(skip, done:") == 5
+    assert p2.stdout.count("(skip, done:") == 6
