@@ -47,9 +47,12 @@ class Stage2DataConfig:
     weights: list[float] = field(default_factory=list)  # per '::' dataset; default: by sample count
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     fingerprint: str = ""  # expected encoder fingerprint; "" = whatever the sidecars agree on
-    original_fields: list[str] = field(default_factory=lambda: ["txt"])
-    dense_fields: list[str] = field(default_factory=lambda: ["json:dense", "json:dense_alt"])
-    dense_ratio: float = 0.75  # paper's ablation: 75% dense best, 0% and 100% worst
+    # As the authors run it: 50/50 between the short and the long *synthetic* captions (ShareGPT4V /
+    # DreamLIP, saved by img2dataset as json fields), not the raw alt-text (`txt`: add it to
+    # original_fields to mix it in). Paper ablation of the dense share: 75% best, 0% and 100% worst.
+    original_fields: list[str] = field(default_factory=lambda: ["json:short_caption"])
+    dense_fields: list[str] = field(default_factory=lambda: ["json:dense", "json:dense_alt"])  # synthetic data's names
+    dense_ratio: float = 0.5
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     num_workers: int = 2
     # Samples per shuffle block of each loader stream, read interleaved from 4 open shards and emitted in a

@@ -1,6 +1,6 @@
 #!/bin/bash
 #SBATCH --job-name=llm2clip-stage1
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
