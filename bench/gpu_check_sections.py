@@ -24,8 +24,8 @@ from bench_train_step import LLM_SHAPES, VIT_SHAPES
 # --shape presets: the real shapes (on a GPU) and tiny stand-ins that run every path on a CPU.
 SHAPES: dict[str, dict[str, Any]] = {
     "full": dict(llm="llama3-8b", attn_shapes=["tiny", "llama3.2-1b"], attn_len=256, vit="vit-l14-336",
-                 timm_arch="eva02_large_patch14_clip_336", n_images=384, shard_size=96, workers=8,
-                 stage1_micro_batch=32, embed_captions=8192, stage2_batches=[64, 128, 256, 512, 1024],
+                 timm_arch="eva02_large_patch14_clip_336", n_images=384, shard_size=48, workers=8,
+                 stage1_micro_batch=32, embed_captions=4096, stage2_batches=[64, 128, 256, 512, 1024],
                  timm_batch=64, warmup=1, iters=3, stage2_iters=4),
     "tiny": dict(llm="tiny", attn_shapes=["tiny", "small"], attn_len=32, vit="tiny",
                  timm_arch="eva02_tiny_patch14_224", n_images=32, shard_size=16, workers=1,
@@ -63,6 +63,7 @@ class Ctx:
         self.cuda = torch.cuda.is_available()
         self.dev = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
+        self.precision = "auto"  # train.precision for the stage-1/2 configs (auto: bf16 on GPU, fp32 on CPU)
         self.setup_seconds: dict[str, float] = {}
         self._cache: dict[str, Any] = {}
 
@@ -235,6 +236,14 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def llm_folder(ctx: Ctx, res: dict, budget: Budget) -> str:
+    """Setup: write the random-weight LLM folder that embed and stage1 load (its own budget)."""
+    path = ctx.llm_folder()
+    res.update(path=str(path), seconds=ctx.setup_seconds["llm_folder"],
+               gib=round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30, 2))
+    return "ok"
+
+
 # --- (a) attention kernels ------------------------------------------------------------------------
 def attention(ctx: Ctx, res: dict, budget: Budget) -> str:
     """Bidirectional TextEncoder outputs of eager / sdpa / flash-attn (if importable) in bf16 against an
@@ -328,7 +337,7 @@ def _stage1_config(ctx: Ctx, zero: int, micro_batch: int):
         f"run.output_dir={ctx.work / f'stage1_z{zero}'}", "run.tensorboard=false", "run.progress_bar=false",
         f"text.model_path={ctx.llm_folder()}", "text.gradient_checkpointing=true", f"data.sources={src}",
         "data.val_path=", f"train.micro_batch_size={micro_batch}", f"train.zero_stage={zero}",
-        "train.eval_every=0", "train.save_every=0", "optim.warmup_steps=0"])
+        "train.eval_every=0", "train.save_every=0", "optim.warmup_steps=0", f"train.precision={ctx.precision}"])
 
 
 # --- (c) embed forward ------------------------------------------------------------------------------
@@ -446,13 +455,15 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
                     ctx.reset_peak()
                     t0 = time.perf_counter()
                     tok = items = 0
+                    wait = 0.0
                     for _ in range(I):
-                        _, _, n_tok, n_items, _ = train_step(trainer, engine, batches)
-                        tok, items = tok + n_tok, items + n_items
+                        _, _, n_tok, n_items, w = train_step(trainer, engine, batches)
+                        tok, items, wait = tok + n_tok, items + n_items, wait + w
                     ctx.sync()
                     dt = time.perf_counter() - t0
                     tps = tok / dt
-                    v.update(status="ok", steps=I, s_per_step=round(dt / I, 4), real_tokens=tok,
+                    v.update(status="ok", steps=I, s_per_step=round(dt / I, 4), data_wait_frac=round(wait / dt, 4),
+                             real_tokens=tok,
                              tokens_per_s=round(tps, 1), pairs_per_s=round(items / dt, 2),
                              mfu=ctx.mfu(4 * nonemb * tps), peak_mem_gib=ctx.peak_gib(), planned_peak_gib=None)
                 except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else ends the mode
@@ -471,7 +482,7 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
 # --- (d) / (e) stage-2 step ---------------------------------------------------------------------
 def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candidates: list[int], iters: int) -> str:
     """Stage2Task (paper config) on the trainer's DeepSpeed engine: the largest batch from `candidates`
-    that fits (random tensors through task.loss), then real-loader steps at that batch: images/s,
+    that fits (one real batch tiled to each size, through task.loss), then real-loader steps at that batch: images/s,
     MFU = 6 x (N_tower x tokens per image + N_proj + N_adapter) per image (recompute not counted),
     peak memory and the fraction of step time spent waiting for the loader."""
     from llm2clip import distributed as D
@@ -487,7 +498,8 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
         f"vision.path={folder}", f"data.shards={ctx.train_spec}", f"data.sidecar.out_dir={sc}",
         "data.sidecar.image_root=", "data.original_fields=[txt, 'json:short_alt']",
         "data.dense_fields=['json:dense', 'json:dense_alt']", f"data.num_workers={ctx.shape['workers']}",
-        "data.val_shards=", f"train.micro_batch_size={candidates[0]}", "train.eval_every=0", "train.save_every=0"])
+        "data.val_shards=", f"train.micro_batch_size={candidates[0]}", "train.eval_every=0", "train.save_every=0",
+        f"train.precision={ctx.precision}"])
     task = Stage2Task(cfg)
     trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
     t0 = time.perf_counter()
@@ -508,9 +520,27 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
                flops_rule="6 x (N_tower x tokens + N_proj + N_adapter) per image (no recompute)",
                memory_planner_gib=None, memory_planner_note=PLANNER_NOTE, search=[])
 
+    # the search tiles one real loader batch (whatever its format: uint8 or float pixels, extra keys)
+    # up to each candidate size, so it costs no decoding
+    first = task.batches(None)
+    proto = next(first)
+    del first  # shuts its workers down
+    n0 = int(proto["pixels"].shape[0])
+
+    def tiled(B: int) -> dict:
+        reps = -(-B // n0)
+        out = {}
+        for k, v in proto.items():
+            if torch.is_tensor(v) and v.ndim and v.shape[0] == n0:
+                out[k] = v.repeat(reps, *([1] * (v.ndim - 1)))[:B]
+            elif isinstance(v, list) and len(v) == n0:
+                out[k] = (v * reps)[:B]
+            else:
+                out[k] = v
+        return out
+
     def rand_step(B: int) -> None:
-        batch = {"pixels": torch.randn(B, 3, S, S), "emb": torch.randn(B, llm_dim)}
-        loss, _, _ = task.loss(engine, batch)
+        loss, _, _ = task.loss(engine, tiled(B))
         engine.backward(loss)
         engine.step()
 

@@ -21,7 +21,8 @@ def report(tmp_path_factory):
     # step counts fixed by the tiny preset; time budgets scaled out of the way (a busy CI box must not cut
     # a path short: tests use step budgets, not clocks)
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OUT": ""}
+    # one OpenMP thread: on a busy 2-core box, spinning OpenMP threads slowed DeepSpeed steps 10-40x
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OUT": "", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--shape", "tiny",
                            "--out", str(out), "--work", str(out / "work"), "--budget-scale", "20"],
