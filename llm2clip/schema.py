@@ -165,6 +165,7 @@ class Stage1DataConfig:
     # order; hard negatives come from the same block (other shards too). Memory: the captions of this many samples.
     shuffle_buffer: int = 1000
     val_path: str = ""  # held-out image shards for CRA
+    # CRA: query, answer, then further captions that join the gallery (list every caption for the paper's protocol)
     val_fields: list[str] = field(default_factory=lambda: ["txt", "json:short_alt"])
     val_max_samples: int = 1000
 

@@ -103,7 +103,9 @@ class EvalDatasetConfig:
 class EvalCRAConfig:
     kind: str = "shards"  # shards | jsonl | karpathy (see CRA_KINDS)
     path: str = ""
-    fields: list[str] = field(default_factory=list)  # the two captions; default per kind (CRA_DEFAULT_FIELDS)
+    # query, answer, then further captions (gallery distractors); default per kind (CRA_DEFAULT_FIELDS);
+    # karpathy: sentence 1 -> sentence 2 among every sentence of the split
+    fields: list[str] = field(default_factory=list)
     split: str = "test"  # karpathy only
     max_samples: int = 0  # first N pairs; 0 = all
     instruction: Optional[str] = None  # for LLM text sides; default: the model's own (see EvalModelConfig)
@@ -112,8 +114,9 @@ class EvalCRAConfig:
         _check_choice("kind", self.kind, CRA_KINDS)
         if not self.path:
             raise ConfigError("path must be set")
-        if self.kind != "karpathy" and self.fields and len(self.fields) != 2:
-            raise ConfigError(f"fields must name exactly two captions (query, answer), got {self.fields}")
+        if self.kind != "karpathy" and self.fields and len(self.fields) < 2:
+            raise ConfigError(f"fields must name the query and the answer caption (then any further captions of "
+                              f"the split, which join the gallery), got {self.fields}")
         if self.max_samples < 0:
             raise ConfigError("max_samples must be >= 0")
 

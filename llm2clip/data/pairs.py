@@ -210,9 +210,12 @@ class PairStream:
             yield self.next_batch()
 
 
-def load_caption_pairs(path: str, fields: list[str], max_samples: int) -> tuple[list[str], list[str], list[str]]:
-    """Held-out (keys, caption1, caption2) for CRA from image shards; samples lacking a field are skipped."""
-    keys, c1, c2 = [], [], []
+def load_caption_pairs(path: str, fields: list[str], max_samples: int) \
+        -> tuple[list[str], list[str], list[str], list[str]]:
+    """Held-out (keys, caption1, caption2, further captions) for CRA from image shards: fields[0] is the
+    query, fields[1] the answer, fields[2:] further captions of the sample that join the gallery (every
+    caption of the split, as the paper counts). Samples lacking field 0 or 1 are skipped."""
+    keys, c1, c2, extra = [], [], [], []
     want = field_extensions(fields)
     for shard in expand_shards(path):
         for s in iter_tar_samples(shard, want=want):
@@ -222,6 +225,7 @@ def load_caption_pairs(path: str, fields: list[str], max_samples: int) -> tuple[
             keys.append(s["__key__"])
             c1.append(a)
             c2.append(b)
+            extra.extend(t for t in (get_caption(s, f) for f in fields[2:]) if t is not None)
             if len(keys) >= max_samples:
-                return keys, c1, c2
-    return keys, c1, c2
+                return keys, c1, c2, extra
+    return keys, c1, c2, extra

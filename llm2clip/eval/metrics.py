@@ -199,9 +199,9 @@ def caption_retrieval_accuracy(
     """Caption retrieval accuracy (CRA), the LLM2CLIP paper's text-only probe.
 
     For each image i, caption 1 (``emb1[i]``) is the query. The gallery is every caption
-    of the split -- all rows of ``emb1`` and ``emb2`` (plus ``extra_gallery`` if given) --
-    except the query itself. A query is a hit if its top-1 by cosine similarity is
-    ``emb2[i]``. Chance level is ~1 / (2N - 1).
+    of the split -- all rows of ``emb1`` and ``emb2`` plus ``extra_gallery`` (captions 3..5 of
+    COCO: 5N - 1 candidates, the paper's protocol) -- except the query itself. A query is a hit
+    if its top-1 by cosine similarity is ``emb2[i]``. Chance level is ~1 / (gallery size).
 
     Args:
         emb1: ``[N, D]`` first caption of each image (queries).
@@ -215,7 +215,9 @@ def caption_retrieval_accuracy(
         as a miss). With texts, also ``"cra_lenient"``: a hit when every top-scoring
         gallery item has a string identical to ``texts2[i]`` (synthetic data repeats
         captions verbatim; identical strings are indistinguishable to any encoder).
-        ``cra_lenient >= cra`` always.
+        ``cra_lenient >= cra`` always. With ``extra_gallery``, also ``"cra_pairs"`` (and
+        ``"cra_pairs_lenient"``): the same queries against captions 1-2 only (2N - 1 candidates,
+        an easier number that is not the paper's).
     """
     if emb1.dim() != 2 or emb2.dim() != 2 or emb1.shape != emb2.shape:
         raise ValueError(f"emb1 and emb2 must both be [N, D] of equal shape, "
@@ -247,25 +249,33 @@ def caption_retrieval_accuracy(
         all_texts = list(texts1) + list(texts2) + (list(extra_texts) if extra_gallery is not None else [])
         gid = torch.tensor([ids.setdefault(t, len(ids)) for t in all_texts], dtype=torch.long, device=gallery.device)
 
-    strict_hits = 0
-    lenient_hits = 0
+    # column limits: the whole gallery, and (with extras) captions 1-2 only
+    limits = {"cra": gallery.shape[0]}
+    if extra_gallery is not None:
+        limits["cra_pairs"] = 2 * n
+    strict = dict.fromkeys(limits, 0)
+    lenient = dict.fromkeys(limits, 0)
     for start in range(0, n, chunk_size):
         q_idx = torch.arange(start, min(start + chunk_size, n), device=gallery.device)
-        scores = gallery[q_idx] @ gallery.t()  # [b, g]
-        valid = torch.ones_like(scores, dtype=torch.bool)
-        valid[torch.arange(len(q_idx)), q_idx] = False  # the query is not in its own gallery
-        pos_col = (q_idx + n).unsqueeze(1)
-        pos = scores.gather(1, pos_col)
-        ahead = (scores >= pos) & valid
-        ahead.scatter_(1, pos_col, False)
-        strict_hits += int((ahead.sum(dim=1) == 0).sum())
+        full = gallery[q_idx] @ gallery.t()  # [b, g]
+        for name, cols in limits.items():
+            scores = full[:, :cols]
+            valid = torch.ones_like(scores, dtype=torch.bool)
+            valid[torch.arange(len(q_idx)), q_idx] = False  # the query is not in its own gallery
+            pos_col = (q_idx + n).unsqueeze(1)
+            pos = scores.gather(1, pos_col)
+            ahead = (scores >= pos) & valid
+            ahead.scatter_(1, pos_col, False)
+            strict[name] += int((ahead.sum(dim=1) == 0).sum())
+            if with_texts:
+                good = gid[:cols].unsqueeze(0) == gid[q_idx + n].unsqueeze(1)  # same string as the answer
+                neg_inf = torch.full_like(scores, float("-inf"))
+                best_good = torch.where(good & valid, scores, neg_inf).amax(dim=1)
+                best_bad = torch.where(~good & valid, scores, neg_inf).amax(dim=1)
+                lenient[name] += int((best_good > best_bad).sum())
+    out = {}
+    for name in limits:
+        out[name] = 100.0 * strict[name] / n
         if with_texts:
-            good = gid.unsqueeze(0) == gid[q_idx + n].unsqueeze(1)  # same string as the answer
-            neg_inf = torch.full_like(scores, float("-inf"))
-            best_good = torch.where(good & valid, scores, neg_inf).amax(dim=1)
-            best_bad = torch.where(~good & valid, scores, neg_inf).amax(dim=1)
-            lenient_hits += int((best_good > best_bad).sum())
-    out = {"cra": 100.0 * strict_hits / n}
-    if with_texts:
-        out["cra_lenient"] = 100.0 * lenient_hits / n
+            out[f"{name}_lenient"] = 100.0 * lenient[name] / n
     return out

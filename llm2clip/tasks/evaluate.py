@@ -53,6 +53,9 @@ class CaptionPairs:
     name: str
     texts1: list[str]
     texts2: list[str]
+    # every further caption of the split (COCO captions 3-5; fields[2:]): distractors in the gallery, so
+    # the gallery is every caption of the split (5N - 1 on COCO, the paper's protocol)
+    extra: list[str] = field(default_factory=list)
     skipped: int = 0  # items without both captions
     skipped_examples: list[str] = field(default_factory=list)
 
@@ -80,13 +83,15 @@ def read_cra(name: str, cfg: EvalCRAConfig) -> CaptionPairs:
     """Caption pairs for CRA from shards (two caption fields), JSONL (two keys) or a Karpathy JSON
     (first two sentences). Items lacking a caption are skipped and counted, never silently."""
     f1, f2 = (cfg.resolved_fields() + ["", ""])[:2]
+    more = cfg.resolved_fields()[2:]
     out = CaptionPairs(name, [], [])
     limit = cfg.max_samples or None
 
-    def add(item: str, a: Any, b: Any) -> bool:
+    def add(item: str, a: Any, b: Any, extra: list = ()) -> bool:
         if isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip():
             out.texts1.append(a.strip())
             out.texts2.append(b.strip())
+            out.extra.extend(e.strip() for e in extra if isinstance(e, str) and e.strip())
         else:
             out.skipped += 1
             if len(out.skipped_examples) < 20:
@@ -96,11 +101,12 @@ def read_cra(name: str, cfg: EvalCRAConfig) -> CaptionPairs:
     if cfg.kind == "shards":
         from llm2clip.data.shards import expand_shards, field_extensions, get_caption, iter_tar_samples
 
-        want = field_extensions([f1, f2])
+        want = field_extensions([f1, f2, *more])
         done = False
         for shard in expand_shards(cfg.path):
             for s in iter_tar_samples(shard, want=want):
-                if add(f"{shard}::{s['__key__']}", get_caption(s, f1), get_caption(s, f2)):
+                if add(f"{shard}::{s['__key__']}", get_caption(s, f1), get_caption(s, f2),
+                       [get_caption(s, f) for f in more]):
                     done = True
                     break
             if done:
@@ -116,7 +122,7 @@ def read_cra(name: str, cfg: EvalCRAConfig) -> CaptionPairs:
                     raise AnnotationError(f"{cfg.path}:{lineno}: invalid JSON ({e.msg}: column {e.colno})") from e
                 if not isinstance(row, dict):
                     raise AnnotationError(f"{cfg.path}:{lineno}: expected a JSON object with keys {f1!r}, {f2!r}")
-                if add(f"{cfg.path}:{lineno}", row.get(f1), row.get(f2)):
+                if add(f"{cfg.path}:{lineno}", row.get(f1), row.get(f2), [row.get(f) for f in more]):
                     break
     else:  # karpathy
         with open(cfg.path, encoding="utf-8") as fh:
@@ -132,8 +138,8 @@ def read_cra(name: str, cfg: EvalCRAConfig) -> CaptionPairs:
                 raise AnnotationError(f"{cfg.path}: images[{i}]: missing field 'sentences'")
             if img.get("split") != cfg.split:
                 continue
-            sents = [s.get("raw") if isinstance(s, dict) else None for s in img["sentences"][:2]] + [None, None]
-            if add(f"{cfg.path}: images[{i}]", sents[0], sents[1]):
+            sents = [s.get("raw") if isinstance(s, dict) else None for s in img["sentences"]] + [None, None]
+            if add(f"{cfg.path}: images[{i}]", sents[0], sents[1], sents[2:]):
                 break
     if not out.texts1:
         raise AnnotationError(f"cra.{name}: no caption pairs found in {cfg.path} (fields {cfg.resolved_fields()}, "
@@ -195,7 +201,8 @@ def read_all(cfg: EvalConfig) -> dict[str, Prepared]:
                 errors.append(e)
                 continue
             info = {"task": "cra", "kind": c.kind, "path": os.path.abspath(c.path), "fields": c.resolved_fields(),
-                    "pairs": len(pairs.texts1), "gallery": 2 * len(pairs.texts1) - 1, "skipped": pairs.skipped,
+                    "pairs": len(pairs.texts1),
+                    "gallery": 2 * len(pairs.texts1) + len(pairs.extra) - 1, "skipped": pairs.skipped,
                     "skipped_examples": pairs.skipped_examples}
             if pairs.skipped:
                 log.warning(f"cra.{name}: {pairs.skipped} item(s) lack one of the captions {c.resolved_fields()} "
@@ -257,7 +264,7 @@ def _text_requests(model: EvalModel, prepared: dict[str, Prepared]) -> list[tupl
                 prompts = [fill_template(t, c) for c in p.data.classnames for t in templates]
                 reqs.append((f"{name}\x00{label}", prompts, None))
         elif p.task == "cra":
-            reqs.append((name, p.data.texts1 + p.data.texts2, p.instruction))
+            reqs.append((name, p.data.texts1 + p.data.texts2 + p.data.extra, p.instruction))
     return reqs
 
 
@@ -307,7 +314,9 @@ def score(model: EvalModel, p: Prepared, img: torch.Tensor | None, text: dict[st
         return out
     n = len(p.data.texts1)
     feats = text[p.name]
-    return M.caption_retrieval_accuracy(feats[:n], feats[n:], p.data.texts1, p.data.texts2)
+    extra = p.data.extra or None
+    return M.caption_retrieval_accuracy(feats[:n], feats[n:2 * n], p.data.texts1, p.data.texts2,
+                                        extra_gallery=feats[2 * n:] if extra else None, extra_texts=extra)
 
 
 def evaluate_model(model: EvalModel, prepared: dict[str, Prepared], run: EvalRunConfig,

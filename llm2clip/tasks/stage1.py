@@ -157,13 +157,15 @@ class Stage1Task:
             return {}
         from llm2clip.eval.metrics import caption_retrieval_accuracy
 
-        _, c1, c2 = self.val
+        _, c1, c2, more = self.val
         was_training = engine.module.training
         engine.module.eval()
         e1 = self.embedder.embed(c1, "", sharded=True, desc="CRA captions 1")
         e2 = self.embedder.embed(c2, "", sharded=True, desc="CRA captions 2")
+        e3 = self.embedder.embed(more, "", sharded=True, desc="CRA further captions") if more else None
         engine.module.train(was_training)
-        r = caption_retrieval_accuracy(e1, e2, c1, c2)
+        # the same function and gallery as tools/eval_zero_shot.py's CRA (every val caption; see metrics.py)
+        r = caption_retrieval_accuracy(e1, e2, c1, c2, extra_gallery=e3, extra_texts=more or None)
         return {f"eval/{k}": float(v) for k, v in r.items()}
 
     # --- export --------------------------------------------------------------------------------
