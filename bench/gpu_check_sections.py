@@ -375,6 +375,7 @@ def embed(ctx: Ctx, res: dict, budget: Budget) -> str:
         res["variants"].append({"packing": packing, "packed": emb.packing, "status": "ok", **st.as_dict(),
                                 "tokens_per_s": round(tps, 1), "mfu": ctx.mfu(2 * nonemb * tps),
                                 "peak_mem_gib": ctx.peak_gib()})
+    emb = None  # the last embedder holds the encoder too
     del enc, base
     ctx.free()
     return "ok"
@@ -473,7 +474,8 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
                     engine.zero_grad()
                     ctx.free()
         m["status"] = "ok"
-        del engine, trainer, task, batches, backbone
+        # everything that holds the model, the closure too, before the next mode loads another copy
+        del engine, trainer, task, batches, backbone, set_packing
         ctx.free()
         ok &= all(v.get("status") in ("ok", "skip", "oom") for v in m["variants"])
     return "ok" if ok else "fail"
