@@ -400,7 +400,9 @@ class Trainer:
 
     def _save(self, engine, step: int, samples_seen: int) -> None:
         tmp = C.begin_save(str(self.out), step)
-        engine.save_checkpoint(str(tmp / "engine"), tag="ds")
+        # lean: frozen weights (the LLM base under LoRA, frozen tower blocks) are rebuilt from the model folder
+        # at resume, so only trainable params + optimizer/scheduler state are written (load is non-strict)
+        engine.save_checkpoint(str(tmp / "engine"), tag="ds", exclude_frozen_parameters=True)
         C.save_rank_state(tmp, D.get_rank(), self.task.data_state())
         state = {"step": step, "samples_seen": samples_seen, "world_size": D.get_world_size(),
                  "skipped_steps": self.skipped_steps,
