@@ -114,7 +114,7 @@ def environment(ctx) -> dict:
 
 
 def run_section(name, fn, ctx, budget_s: float, hard_s: float) -> dict:
-    from gpu_check_sections import Budget
+    from gpu_check_fixtures import Budget
 
     res: dict = {}
     entry: dict = {"status": None, "budget_s": round(budget_s, 1), "result": res}
@@ -250,6 +250,7 @@ def main(argv=None) -> dict:
     import torch
 
     import gpu_check_sections as S
+    from gpu_check_fixtures import Ctx
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
@@ -269,7 +270,7 @@ def main(argv=None) -> dict:
         work = Path(tmp.name)
     gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     peak = args.peak_tflops if args.peak_tflops is not None else peak_tflops_for(gpu_name)
-    ctx = S.Ctx(shape, work, peak, REPO)
+    ctx = Ctx(shape, work, peak, REPO)
     ctx.precision = args.precision
     deadline = (args.deadline or DEADLINE[shape]) * args.budget_scale
     out = Path(args.out)
@@ -316,6 +317,10 @@ def main(argv=None) -> dict:
         if tmp is not None:
             tmp.cleanup()
     print(markdown(report), flush=True)
+    counts: dict[str, int] = {}
+    for e in report["sections"].values():
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    print(f"[gpu_check] sections: {counts}; total {report['meta'].get('total_s')} s", flush=True)
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}", flush=True)
     return report
 
