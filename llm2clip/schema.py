@@ -141,7 +141,9 @@ class PairSourceConfig:
     """One source of stage-1 caption pairs."""
     kind: Literal["shards", "jsonl"] = "shards"
     path: str = ""  # shard glob / brace list (kind=shards) or JSONL file(s) (kind=jsonl)
-    weight: float = 1.0
+    weight: Optional[float] = None  # sampling weight; None: by size (the source's samples / pairs), as the authors
+    # query instruction of this source (llm2vec keeps one per E5 dataset); None: data.query_instruction
+    instruction: Optional[str] = None
     # kind=shards: caption fields that may form positives ("txt" = the .txt file, "json:NAME" = a .json field)
     fields: list[str] = field(default_factory=lambda: ["txt", "json:short_alt", "json:dense", "json:dense_alt"])
 
@@ -150,8 +152,8 @@ class PairSourceConfig:
             raise ConfigError("data.sources[].path must be set")
         if self.kind == "shards" and len(self.fields) < 2:
             raise ConfigError("a shards source needs at least two caption fields to form positive pairs")
-        if self.weight <= 0:
-            raise ConfigError("data.sources[].weight must be > 0")
+        if self.weight is not None and self.weight <= 0:
+            raise ConfigError("data.sources[].weight must be > 0 (or unset: by size)")
 
 
 @dataclass

@@ -31,6 +31,7 @@ class Example:
     positive: str
     negative: str | None
     key: str = ""  # where it came from ("shard.tar/sample key", "file.jsonl:line"), named when a step fails
+    instruction: str | None = None  # the source's query instruction; None: data.query_instruction
 
 
 class ShardPairSource:
@@ -42,7 +43,10 @@ class ShardPairSource:
                  shuffle_buffer: int = 1000, negatives: bool = True):
         self.cfg, self.seed, self.name, self.negatives = cfg, seed, f"{name}.r{rank}", negatives
         shards = expand_shards(cfg.path)
-        self.units = assign_units(shards, [shard_size(s) for s in shards], world, rank)
+        counts = [shard_size(s) for s in shards]
+        self.units = assign_units(shards, counts, world, rank)
+        # samples in the source (for mixing by size); None when a shard has no _stats.json / sizes.json
+        self.size = None if any(c is None for c in counts) else sum(counts)
         self.buffer = shuffle_buffer
         self.has_negatives = True
         self._saved: dict[str, Any] | None = None
@@ -114,7 +118,7 @@ class ShardPairSource:
                 raise ValueError(f"{shard}: '{key}' is the only usable caption sample of this rank's data, so it has "
                                  "no hard negative; set data.hard_negatives=false or add data")
         self._last = [f"{shard}/{key}", p]
-        return Example(q, p, neg, f"{Path(shard).name}/{key}")
+        return Example(q, p, neg, f"{Path(shard).name}/{key}", self.cfg.instruction)
 
 
 class JsonlPairSource:
@@ -123,6 +127,7 @@ class JsonlPairSource:
 
     def __init__(self, cfg: PairSourceConfig, seed: int, rank: int, world: int, name: str):
         self.seed, self.name, self.rank, self.world = seed, name, rank, world
+        self.instruction = cfg.instruction
         self.rows: list[tuple[str, str, str | None, str]] = []  # (query, positive, negative, file:line)
         for path in expand_shards(cfg.path):
             for ln, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -138,6 +143,7 @@ class JsonlPairSource:
         if len(self.rows) < world:
             raise ValueError(f"{cfg.path}: {len(self.rows)} pairs, fewer than the {world} ranks")
         self.has_negatives = all(r[2] is not None for r in self.rows)
+        self.size = len(self.rows)
         self.epoch, self.offset = 0, 0
         self._perm: list[int] | None = None
 
@@ -157,7 +163,24 @@ class JsonlPairSource:
             return self.next()
         q, p, n, where = self.rows[self._perm[self.offset]]
         self.offset += 1
-        return Example(q, p, n, where)
+        return Example(q, p, n, where, self.instruction)
+
+
+def source_weights(cfgs: list[PairSourceConfig], sources: list) -> list[float]:
+    """Each source's sampling weight: its configured weight, else its size (samples / pairs), so that
+    by default every pair is drawn about equally often, as the authors mix datasets."""
+    if len(cfgs) == 1:
+        return [1.0]  # nothing to mix
+    out = []
+    for i, (c, s) in enumerate(zip(cfgs, sources)):
+        if c.weight is not None:
+            out.append(float(c.weight))
+        elif s.size:
+            out.append(float(s.size))
+        else:
+            raise ValueError(f"data.sources[{i}] ({c.path}): no sample counts (_stats.json / sizes.json) to mix by "
+                             f"size; set data.sources[{i}].weight")
+    return out
 
 
 class PairStream:
@@ -176,7 +199,7 @@ class PairStream:
                 self.sources.append(cls(s, seed, rank, world, f"src{i}", cfg.shuffle_buffer, cfg.hard_negatives))
             else:
                 self.sources.append(cls(s, seed, rank, world, f"src{i}"))
-        self.weights = [s.weight for s in cfg.sources]
+        self.weights = source_weights(cfg.sources, self.sources)
         self.batch_index = 0
         self.use_neg_mixed = cfg.hard_negatives and all(s.has_negatives for s in self.sources)
 

@@ -115,7 +115,9 @@ class Stage1Task:
         n = len(examples)
         docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
         texts = [e.query for e in examples] + docs
-        instr = [d.query_instruction] * n + [d.doc_instruction] * len(docs)
+        # each source's own query instruction (one per E5 dataset, as llm2vec), else the default
+        instr = [d.query_instruction if e.instruction is None else e.instruction for e in examples] \
+            + [d.doc_instruction] * len(docs)
         tb, inverse = self.embedder.train_batch(texts, instr)  # packed rows: no pad tokens to speak of
         tb = tb.to(engine.device)
         emb = engine(tb.input_ids, tb.attention_mask, tb.embed_mask, tb.seg_ids)[inverse.to(engine.device)]
