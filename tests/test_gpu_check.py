@@ -99,3 +99,33 @@ def test_stage2_search_and_loader(report):
     ld = r["loader"]
     assert ld["status"] == "ok" and ld["images_per_s"] > 0 and 0 <= ld["data_wait_frac"] <= 1
     assert ld["batch"] == max(x["batch"] for x in r["search"] if x["status"] == "ok")
+
+
+def test_a_failing_or_overrunning_section_is_recorded_and_the_run_goes_on():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check as G
+
+    class Ctx:
+        def free(self):
+            pass
+
+    def boom(ctx, res, budget):
+        res["measured"] = 1
+        raise ValueError("boom")
+
+    def hang(ctx, res, budget):
+        res["measured"] = 2
+        time.sleep(30)
+
+    err = G.run_section("x", boom, Ctx(), 5, 10)
+    assert err["status"] == "error" and "ValueError: boom" in err["error"] and "Traceback" in err["traceback"]
+    assert err["result"] == {"measured": 1}  # what was measured before the failure is kept
+    t0 = time.perf_counter()
+    out = G.run_section("y", hang, Ctx(), 1, 1)  # hard limit: SIGALRM ends it
+    assert out["status"] == "timeout" and out["result"] == {"measured": 2} and time.perf_counter() - t0 < 10
+    report = {"meta": {"date": "d", "shape": "tiny", "peak_tflops": None, "command": "c", "total_s": 1,
+                       "env": {"cpus": 2, "gpu": None, "versions": dict.fromkeys(
+                           ["torch", "transformers", "peft", "deepspeed", "timm", "flash-attn"]), "version_notes": []}},
+              "setup": {}, "sections": {"x": err, "y": out}}
+    md = G.markdown(report)
+    assert "| x |  | error |" in md and "| y |  | timeout |" in md
