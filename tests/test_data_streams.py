@@ -253,3 +253,34 @@ def test_skipped_keys_named_per_reason_and_only_chosen_embedding_decoded(tmp_pat
     assert "BytesIO" not in caplog.text
     assert b["_stats"]["corrupt_images"] == 1 and b["_stats"]["samples_read"] == 8
     assert len(calls) == 8  # one embedding per drawn sample, not one per field
+
+
+@pytest.mark.slow
+def test_resume_with_other_worker_count_is_refused_then_reset(tiny_world, tmp_path):
+    """A stage-2 checkpoint written with 2 loader workers: resuming with 1 stops before training with both
+    topologies named; run.reset_data_position=true resumes the model with a fresh data position."""
+    import sys
+    from tests.helpers import ROOT, read_metrics, run_cmd
+    w = tiny_world
+    add_sidecars(sorted((w["data"] / "train").glob("shard-*.tar")), tmp_path / "emb")
+    out = tmp_path / "run"
+
+    def train(*extra, check=True):
+        return run_cmd([sys.executable, str(ROOT / "tools/train_stage2.py"),
+                        "--set", f"run.output_dir={out}", "--set", f"vision.path={w['clip']}",
+                        "--set", "model.embed_dim=32", "--set", "model.adapter_blocks=1",
+                        "--set", f"data.shards={w['data']}/train/shard-*.tar", "--set", f"data.sidecar.out_dir={tmp_path}/emb",
+                        "--set", "data.original_fields=[txt, 'json:short_alt']", "--set", "data.val_shards=",
+                        "--set", "train.deepspeed_config=" + str(ROOT / "ds_configs/zero1_bf16.json"),
+                        "--set", "train.micro_batch_size=8",
+                        "--set", "train.eval_every=0", "--set", "train.save_every=2", "--set", "run.progress_bar=false",
+                        "--set", "run.tensorboard=false", "--set", "run.log_every=1", *extra], timeout=300, check=check)
+
+    train("--set", "train.max_steps=4", "--set", "train.stop_after=2", "--set", "data.num_workers=2")
+    p = train("--set", "train.max_steps=4", "--set", "data.num_workers=1", check=False)
+    assert p.returncode != 0
+    assert "1 ranks x 2 loader workers" in p.stderr and "1 ranks x 1 workers" in p.stderr, p.stderr[-3000:]
+    assert "run.reset_data_position=true" in p.stderr
+    train("--set", "train.max_steps=4", "--set", "data.num_workers=1", "--set", "run.reset_data_position=true")
+    steps = sorted({m["step"] for m in read_metrics(out) if "train/loss" in m})
+    assert steps == [1, 2, 3, 4]
