@@ -67,9 +67,34 @@ class LLM2CLIP:
 
 
 def load_model(path: str, text_model_path: str | None = None, device: str | torch.device = "cpu",
-               **text_overrides: Any) -> LLM2CLIP:
+               check_fingerprint: bool = True, **text_overrides: Any) -> LLM2CLIP:
     """Load a stage-2 export (`<run>/export/model`). Extra keyword arguments override text-encoder
-    settings (any TextEncoderConfig field, e.g. `lora_path=`, `max_length=`)."""
+    settings (any TextEncoderConfig field, e.g. `lora_path=`, `max_length=`).
+
+    text_model_path: where the stage-1 encoder is now (models move between machines); default: the
+      location stage 2 recorded. Its content fingerprint (weights, tokenizer, settings; no paths) must
+      equal the recorded one, else a ValueError names both (check_fingerprint=False skips the check).
+    """
     if text_model_path:
         text_overrides["model_path"] = text_model_path
-    return LLM2CLIP(LLM2CLIPModel.from_pretrained(path), text_overrides, torch.device(device))
+    model = LLM2CLIPModel.from_pretrained(path)
+    if text_model_path and check_fingerprint:
+        check_text_encoder(model.text_encoder_info or {}, text_overrides)
+    return LLM2CLIP(model, text_overrides, torch.device(device))
+
+
+def check_text_encoder(info: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """The encoder `overrides` point at is the one the adapter was trained on: same content fingerprint
+    as stage 2 recorded (the embed step's: weights, tokenizer, pooling, template, instruction...)."""
+    from llm2clip.text.feature_cache import encoder_fingerprint
+    from llm2clip.text.settings import recorded_settings, text_encoder_config
+
+    want = info.get("fingerprint")
+    if not want:
+        return  # older exports record no fingerprint: nothing to compare
+    cfg = text_encoder_config(recorded_settings(info), overrides, "load_model")
+    got = encoder_fingerprint(cfg, str(info.get("instruction", "")))
+    if got != want:
+        raise ValueError(f"the text encoder at {cfg.model_path} (fingerprint {got[:12]}) is not the one this model's "
+                         f"adapter was trained on (recorded {want[:12]}, at {info.get('model_path') or '?'}): point "
+                         "text_model_path at a copy of that stage-1 export, or pass check_fingerprint=False")

@@ -291,7 +291,8 @@ class Stage2Task:
         img = D.gather_no_grad(torch.cat(img_f) if img_f else torch.zeros(0, E, device=engine.device)).cpu()
         txt = D.gather_no_grad(torch.cat(txt_f) if txt_f else torch.zeros(0, E, device=engine.device)).cpu()
         r = retrieval_metrics(img @ txt.T, torch.arange(img.shape[0]), ks=(1, 5))
-        return {f"eval/{k}": float(v) for k, v in r.items()}
+        self.last_eval = {f"eval/{k}": float(v) for k, v in r.items()}  # for the model card
+        return self.last_eval
 
     # --- export --------------------------------------------------------------------------------
     def export(self, engine, out_dir: Path) -> None:
@@ -303,7 +304,27 @@ class Stage2Task:
             module.save_pretrained(out_dir / "model", state_dict=sd)
             _export_hf_vision(out_dir)
             (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+            self._write_model_card(out_dir, stats)
         D.barrier()
+
+
+    def _write_model_card(self, out_dir: Path, stats: dict) -> None:
+        from llm2clip.model_card import write_model_card
+
+        c = self.cfg
+        info = dict(self.model.text_encoder_info)
+        hf = out_dir / "hf_vision"
+        write_model_card(
+            out_dir / "model", encoder=info,
+            data={"shards": c.data.shards, "original_fields": c.data.original_fields,
+                  "dense_fields": c.data.dense_fields, "dense_ratio": c.data.dense_ratio,
+                  "text_mode": c.text.mode, **stats},  # stats: samples/bytes read, skips per reason
+            training={"steps": c.train.max_steps, "global_batch": c.train.micro_batch_size * self.world
+                      * c.train.grad_accum, "lr": c.optim.lr, "vision_tower": c.vision.path,
+                      "image_size": self.model.tower.image_size, "embed_dim": c.model.embed_dim,
+                      "adapter_blocks": c.model.adapter_blocks, "loss": c.model.loss},
+            evaluation=getattr(self, "last_eval", {}),
+            extra_exports={"hf_vision (transformers, for LLaVA-style models)": str(hf)} if hf.is_dir() else None)
 
 
 def _export_hf_vision(out_dir: Path) -> None:
