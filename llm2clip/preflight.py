@@ -90,8 +90,10 @@ def _shards(key: str, spec: str, out: list[Problem]) -> list[list[str]]:
     for part in [x for x in spec.split("::") if x.strip()]:
         try:
             parts.append(expand_shards(part))
-        except (FileNotFoundError, ValueError, OSError) as e:
-            out.append((key, part.strip(), f"matches no file ({e})"))
+        except FileNotFoundError:
+            out.append((key, part.strip(), "matches no file"))
+        except (ValueError, OSError) as e:
+            out.append((key, part.strip(), str(e)))
     return parts
 
 
@@ -196,10 +198,14 @@ def _stage2(cfg: Any, out: list[Problem]) -> None:
         if may_embed and d.missing_sidecars == "embed":
             continue  # the embed step writes missing and replaces invalid ones before training
         missing, invalid = check_sidecars(shards, d.sidecar, d.fingerprint or None, fields)
-        for s in missing[:5]:
-            out.append((f"{key} (sidecars, data.sidecar)", sidecar_path_for(s, d.sidecar),
-                        f"missing (for {s}); run the embed step first"))
-        if len(missing) > 5:
-            out.append((f"{key} (sidecars, data.sidecar)", "", f"... and {len(missing) - 5} more missing"))
+        if missing:
+            eg = "; ".join(f"{sidecar_path_for(s, d.sidecar)} (for {s})" for s in missing[:3])
+            out.append((f"{key} (sidecars: data.sidecar)", "",
+                        f"{len(missing)} of {len(shards)} shards have no complete sidecar, e.g. {eg}"
+                        f"{' ...' if len(missing) > 3 else ''}; run the embed step first (python tools/embed_captions.py "
+                        "--config <embed.yaml>, or sbatch slurm/embed.sh)"
+                        + (", or set data.missing_sidecars=embed with data.embed_config=<embed.yaml>" if may_embed else "")))
         for _, reason in invalid[:5]:
-            out.append((f"{key} (sidecars, data.sidecar)", "", reason))
+            out.append((f"{key} (sidecars: data.sidecar)", "", reason))
+        if len(invalid) > 5:
+            out.append((f"{key} (sidecars: data.sidecar)", "", f"... and {len(invalid) - 5} more invalid sidecars"))

@@ -184,7 +184,8 @@ def test_preflight_reports_every_bad_path_before_training(tiny_world, tmp_path):
     assert "data.val_shards: /nonexistent/*.tar: matches no file" in out
     assert "train.deepspeed_config: " in out and "/nonexistent/ds.json" in out
     assert f"vision.path: {tmp_path / 'not_a_model'}: no config.json" in out
-    assert "data.shards (sidecars, data.sidecar)" in out  # no sidecars in the empty emb dir
+    assert "data.shards (sidecars: data.sidecar): 4 of 4 shards have no complete sidecar" in out  # empty emb dir
+    assert "Traceback" not in out
     import os
     if os.geteuid() != 0:  # root writes anywhere
         assert f"run.output_dir: {tmp_path / 'ro/run'}: not writable" in out
