@@ -8,7 +8,11 @@ random-resized crop + bicubic resize, pixels as ours emits them (uint8 or normal
 and numpy only (no llm2clip import). Runs are interleaved (ours, bare, ours, ...) and medians reported;
 each run is one pass from a fresh loader (worker start-up included) over `--images` images.
 
-    python bench/bench_loader.py            # ~1 min on 2 cores; JSON + table
+    python bench/bench_loader.py            # ~1.5 min on 2 cores; JSON + table
+
+It also reports samples and bytes read by our loader in one epoch over 2 of the shards with 2 ranks x 4
+workers (8 streams; every sample once, bytes against the dataset's image + sidecar bytes); the data's
+proportions come from --source-size / --width (e.g. `--source-size 64 --width 64` for the test shards').
 """
 from __future__ import annotations
 
@@ -107,6 +111,30 @@ def our_loader(root: Path, batch: int, workers: int, buffer: int, size: int):
     return make_loader(ds, workers), cfg.data
 
 
+def bytes_per_epoch(root: Path, ranks: int = 2, workers: int = 4) -> dict:
+    """Our loader over 2 shards with ranks x workers streams for one epoch: samples and bytes read
+    (summed over streams, as in export/data_stats.json) against the dataset's samples and bytes."""
+    from llm2clip.config import load_config
+    from llm2clip.data.stage2_stream import Stage2Stream, make_loader
+    from llm2clip.schema_stage2 import Stage2Config
+
+    shards = sorted((root / "data/train").glob("shard-*.tar"))[:2]
+    cfg = load_config(Stage2Config, None, [f"data.shards={root}/data/train/shard-00000{{0..1}}.tar",
+                                           f"data.sidecar.out_dir={root}/emb", "vision.path=x",
+                                           "data.original_fields=[txt, 'json:short_alt']"])
+    per_stream = 400 // (ranks * workers)
+    samples = nbytes = 0
+    for rank in range(ranks):
+        it = iter(make_loader(Stage2Stream(cfg.data, per_stream, 0, rank, ranks, 32, MEAN, STD, False), workers))
+        for _ in range(workers):  # one batch = one stream's epoch
+            st = next(it)["_stats"]
+            samples, nbytes = samples + st["samples_read"], nbytes + st["bytes_read"]
+        del it
+    total = sum(os.path.getsize(p) for p in shards) + sum(os.path.getsize(root / "emb" / p.name) for p in shards)
+    return {"streams": ranks * workers, "samples_read": samples, "samples": 400, "bytes_read": nbytes,
+            "dataset_bytes": total, "bytes_ratio": nbytes / total}
+
+
 def make_data(root: Path, n: int, shard_size: int, image_size: int, width: int) -> None:
     sys.path.insert(0, str(ROOT))
     from llm2clip.data.shards import iter_tar_samples
@@ -182,12 +210,16 @@ def main(argv=None) -> dict:
            "image_size": args.image_size, "source_size": args.source_size, "width": args.width,
            "pixels": "uint8" if uint8 else "float32", **res,
            "ratio_ours_over_bare": res["ours"]["images_per_s"] / res["bare"]["images_per_s"],
-           "cpu_ratio_bare_over_ours": res["bare"]["cpu_ms_per_image"] / res["ours"]["cpu_ms_per_image"]}
+           "cpu_ratio_bare_over_ours": res["bare"]["cpu_ms_per_image"] / res["ours"]["cpu_ms_per_image"],
+           "read_once": bytes_per_epoch(root)}
     print(json.dumps(out, indent=1))
     print(f"\n| loader | images/s (median of {args.repeats}) | CPU ms/image |\n|---|---|---|")
     for name in ("ours", "bare"):
         print(f"| {name} | {res[name]['images_per_s']:.0f} | {res[name]['cpu_ms_per_image']:.2f} |")
     print(f"| ours vs bare | {out['ratio_ours_over_bare']:.2f}x | {out['cpu_ratio_bare_over_ours']:.2f}x |")
+    r = out["read_once"]
+    print(f"\nread once: 2 shards over {r['streams']} streams, one epoch: {r['samples_read']} of {r['samples']} samples, "
+          f"{r['bytes_read']:,} of {r['dataset_bytes']:,} bytes ({r['bytes_ratio']:.2f}x)")
     return out
 
 

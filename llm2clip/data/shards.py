@@ -15,7 +15,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from llm2clip.data.io import is_url, local_path, open_shard, read_small
 
@@ -98,12 +98,14 @@ class ReadStats:
 
 def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
                      want: set[str] | None = None, count: int | None = None,
-                     skip_keys: set[str] | None = None, skipped_keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
+                     skip_keys: set[str] | None = None, skipped_keys: set[str] | None = None,
+                     want_for: Callable[[str], set[str]] | None = None) -> Iterator[dict[str, Any]]:
     """Yield samples of one tar in order, each with its "__index__" in the shard.
 
     `skip` samples are passed over and, after them, at most `count` yielded (then reading stops);
     members whose key is in `skip_keys` are passed over too; the keys of the skipped samples are added
-    to `skipped_keys`. `want` limits which extensions are read (e.g. {"txt", "json"}). An uncompressed
+    to `skipped_keys`. `want` limits which extensions are read (e.g. {"txt", "json"}); `want_for(key)`,
+    when given, decides it per sample instead. An uncompressed
     local tar is read with seeks: the data of members passed over is never read (only their 512-byte
     headers); a compressed one is read through. Bytes read and samples yielded go into `stats`."""
     stats = stats if stats is not None else ReadStats()
@@ -152,6 +154,8 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
                         cur = None
                         break
                     cur = {"__key__": key, "__shard__": path, "__index__": index}
+                    if want_for is not None and index >= skip:
+                        want = want_for(key)
                 if index >= skip and (want is None or ext in want):
                     f = tf.extractfile(m)
                     data = f.read() if f is not None else b""

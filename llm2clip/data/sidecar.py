@@ -21,7 +21,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -91,9 +91,13 @@ def _sibling(path: str | os.PathLike, name: str) -> str | Path:
 
 
 def manifest_path(sidecar: str | os.PathLike) -> Path | str:
-    name = str(sidecar).rsplit("/", 1)[-1]
-    stem = name[:-4] if name.endswith(".tar") else name
-    return _sibling(sidecar, stem + ".manifest.json")
+    """`S.manifest.json` beside sidecar `S.tar`: a Path, or a str for a URL."""
+    m = _manifest_str(str(sidecar))
+    return m if is_url(m) else Path(m)
+
+
+def _manifest_str(sidecar: str) -> str:  # string ops only: the preflight calls this per shard
+    return (sidecar[:-4] if sidecar.endswith(".tar") else sidecar) + ".manifest.json"
 
 
 def index_path_for(sidecar: str | os.PathLike, cfg: Any) -> Path | str:
@@ -342,7 +346,7 @@ class _IndexView:
             return None
         if not self.remote:
             try:
-                if os.stat(manifest_path(sc)).st_mtime_ns > self.mtime_ns or os.stat(sc).st_size != e["bytes"]:
+                if os.stat(_manifest_str(sc)).st_mtime_ns > self.mtime_ns or os.stat(sc).st_size != e["bytes"]:
                     return None
             except OSError:
                 return None
@@ -357,15 +361,15 @@ def scan_sidecars(image_shards: list[str], cfg: Any, expected_fingerprint: str |
     every tar, `tools/embed_captions.py --verify`). Where a folder's index.json is current (written
     after the manifests, sizes match) it stands in for the manifests: two stats per shard, no reads."""
     want = [field_name(f) for f in fields] if fields else None
-    indexes: dict[str, _IndexView] = {}
+    indexes: dict[str, _IndexView] = {}  # per sidecar folder
 
     def one(img: str) -> tuple[str, dict | None, str | None, bool, bool]:
         sc = sidecar_path_for(img, cfg)
         if not verify:
-            ip = str(index_path_for(sc, cfg))
-            if ip not in indexes:  # benign race between threads: at worst one folder's index is read twice
-                indexes[ip] = _IndexView(ip)
-            m = indexes[ip].summary(sc)
+            folder = sc.rpartition("/")[0]
+            if folder not in indexes:  # benign race between threads: at worst one index is read twice
+                indexes[folder] = _IndexView(index_path_for(sc, cfg))
+            m = indexes[folder].summary(sc)
             if m is not None:
                 reason = manifest_mismatch(m, expected_fingerprint or None, want)
                 return img, m, (f"{sc}: {reason}" if reason else None), False, True
@@ -458,10 +462,13 @@ class JoinStats:
 def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None = None,
                 expected_fingerprint: str | None = None, stats: JoinStats | None = None,
                 image_exts: tuple[str, ...] = IMAGE_EXTS, start: int = 0, count: int | None = None,
-                decode: bool = True) -> Iterator[dict[str, Any]]:
+                decode: bool = True, choose: Callable[[str, list[str]], str | None] | None = None
+                ) -> Iterator[dict[str, Any]]:
     """Stream {"__key__", "__shard__", "__index__", "jpg": image bytes (undecoded), "emb": {field: array
     [width]}} (decode=False: {field: the `.npy` member's bytes}, for `decode_npy` by the caller once it
-    has chosen a field; then a member that does not decode is the caller's to count).
+    has chosen a field; then a member that does not decode is the caller's to count). `choose(key, the
+    member names it has)` (with decode=False) picks the one field to read per sample, from the manifest's
+    `missing` lists, so the other fields' members are seeked over, not read.
 
     A merge-join on key that holds one sample per side in memory. Keys on one side only are skipped
     and counted in `stats` (the first few named in the log); so are samples without an image member.
@@ -484,7 +491,15 @@ def iter_joined(image_shard: str, sidecar_shard: str, fields: list[str] | None =
     before: set[str] = set()  # image keys before `start`: their sidecar members are not ours
     imgs = iter_tar_samples(image_shard, rs_img, skip=start, count=count, want=set(image_exts), skipped_keys=before)
     img = next(imgs, None)
-    embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names}, skip_keys=before)
+    want_for = None
+    if choose is not None:
+        lacking = {n: set(m.get("missing", {}).get(n, [])) for n in names}
+
+        def want_for(key: str) -> set[str]:
+            pick = choose(key, [n for n in names if key not in lacking[n]])
+            return {f"{pick}.npy"} if pick is not None else set()
+    embs = iter_tar_samples(sidecar_shard, rs_sc, want={f"{n}.npy" for n in names}, skip_keys=before,
+                            want_for=want_for)
     sc = next(embs, None) if img is not None else None
     partial = count is not None  # the shard's later samples belong to another stream: do not drain it
     base_bytes, base_samples = stats.bytes_read, stats.samples_read

@@ -132,9 +132,12 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         stream, S = self.rank * nw + logical, stream_count(self.world, nw)
         st = self.worker_states.get(logical, {})
         saved = st.get("datasets", [None] * len(self.datasets))
-        readers = [ShuffledReader(assign_units(sh, self.sizes[i], S, stream), self._read_unit, self.seed,
-                                  f"ds{i}.s{stream}", self.cfg.shuffle_buffer, saved[i])
-                   for i, sh in enumerate(self.datasets)]
+        readers: list[ShuffledReader] = []
+        for i, sh in enumerate(self.datasets):
+            def read(unit, start, stats, i=i):  # the field is chosen at read time, in the reader's epoch
+                return self._read_unit(unit, start, stats, readers[i].epoch)
+            readers.append(ShuffledReader(assign_units(sh, self.sizes[i], S, stream), read, self.seed,
+                                          f"ds{i}.s{stream}", self.cfg.shuffle_buffer, saved[i]))
         counter = st.get("counter", 0)
         stats = {k: st.get("stats", {}).get(k, 0) for k in _DRAW_STATS}
         gens = [iter(r) for r in readers]
@@ -152,8 +155,8 @@ class Stage2Stream(torch.utils.data.IterableDataset):
                 k = keyed_rng(self.seed, "dataset", stream, counter).choices(range(len(readers)), self.weights)[0]
                 counter += 1
                 key, img_bytes, texts, shard = next(gens[k])
-                epoch = readers[k].epoch
-                chosen = self._choose_field(key, epoch, list(texts))
+                epoch = readers[k].epoch  # blocks never span epochs: the epoch the sample was read in
+                chosen = self._choose_field(key, epoch, list(texts)) if self.online else next(iter(texts), None)
                 if chosen is None:
                     skip("no_caption", f"{shard}: sample '{key}' has none of the caption fields {self.fields}")
                     continue
@@ -198,9 +201,11 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         pool = (dense or orig) if pick_dense else (orig or dense)
         return r.choice(pool) if pool else None
 
-    def _read_unit(self, unit: Unit, start: int, stats: dict) -> Iterator[tuple[int, tuple]]:
-        """(sample index, (key, image bytes, {field spec: embedding .npy bytes or caption}, shard)) of one
-        unit from sample `start` on; the read-time counters go into `stats` as they accrue."""
+    def _read_unit(self, unit: Unit, start: int, stats: dict, epoch: int) -> Iterator[tuple[int, tuple]]:
+        """(sample index, (key, image bytes, {field spec: caption} or {chosen field spec: its embedding's
+        .npy bytes}, shard)) of one unit from sample `start` on; offline, the field is chosen here (from
+        the manifest's lists of what each key lacks) and only that member is read. The read-time counters
+        go into `stats` as they accrue."""
         lo = max(unit.lo, start)
         count = None if unit.hi is None else max(0, unit.hi - lo)
         if self.online:
@@ -212,8 +217,11 @@ class Stage2Stream(torch.utils.data.IterableDataset):
         else:
             js = JoinStats()
             names = {field_name(f): f for f in self.fields}
+            def choose(key: str, have: list[str]) -> str | None:
+                spec = self._choose_field(key, epoch, [names[n] for n in have])
+                return None if spec is None else field_name(spec)
             src = iter_joined(unit.shard, sidecar_path_for(unit.shard, self.cfg.sidecar), self.fields,
-                              self.fingerprint, js, start=lo, count=count, decode=False)
+                              self.fingerprint, js, start=lo, count=count, decode=False, choose=choose)
             keep = lambda s: (s, {names[n]: v for n, v in s["emb"].items()})  # noqa: E731
             counters = lambda: {"samples_read": js.samples_read, "bytes_read": js.bytes_read,  # noqa: E731
                                 "read_errors": len(js.read_errors), "missing_embedding": js.image_only,
