@@ -2,9 +2,9 @@
 
 argv: run_dir mode, where mode is
   fail         NaN at step 3 only; train.on_nonfinite=fail (the default)
-  skip         NaN at step 3 only; on_nonfinite=skip: step 3 is discarded, training goes on
+  skip         NaN at step 3, and at step 5 finite inputs and losses but a NaN gradient on rank 1;
+               on_nonfinite=skip: steps 3 and 5 are discarded, training goes on
   skip_always  NaN from step 3 on; on_nonfinite=skip with max_consecutive_skips=2: fails at step 5
-  grad         finite inputs and losses, but rank 1's gradient is NaN at step 3; on_nonfinite=skip
 Each rank prints the weights it saw before every step ("weights <step> <values>") and its counters go
 through the engine's per-log-step sum (rank r counts r + 1 per batch).
 """
@@ -25,7 +25,7 @@ MODE = sys.argv[2] if len(sys.argv) > 2 else "fail"
 class Cfg:
     run: RunConfig
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=6, micro_batch_size=4, eval_every=0, save_every=0, deepspeed_config="ds_configs/zero1_bf16.json",
+        max_steps=7, micro_batch_size=4, eval_every=0, save_every=0, deepspeed_config="ds_configs/zero1_bf16.json",
         precision="fp32", on_nonfinite="fail" if MODE == "fail" else "skip", max_consecutive_skips=2))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, warmup_steps=0))
 
@@ -50,7 +50,7 @@ class ToyTask:
             i += 1
             x = torch.randn(4, 4, generator=g)
             step = i  # grad_accum=1: batch i is step i
-            if MODE != "grad" and D.get_rank() == 1 and (step == 3 or (MODE == "skip_always" and step >= 3)):
+            if D.get_rank() == 1 and (step == 3 or (MODE == "skip_always" and step >= 3)):
                 x[0, 0] = float("nan")
             yield {"x": x, "keys": [f"r{D.get_rank()}-b{i}-{j}" for j in range(4)]}
 
@@ -66,7 +66,7 @@ class ToyTask:
         print(f"rank {D.get_rank()}: weights {self.calls} {w}", flush=True)
         y = engine(batch["x"])
         loss = y.pow(2).mean()
-        if MODE == "grad" and D.get_rank() == 1 and self.calls == 3:
+        if MODE == "skip" and D.get_rank() == 1 and self.calls == 5:
             loss = loss + torch.sqrt(y.sum() * 0.0)  # adds 0 to the loss, NaN (inf * 0) to the gradient
         return loss, {"n_items": 4}, 4
 
