@@ -189,6 +189,24 @@ class ContrastiveConfig:
 
 
 @dataclass
+class Stage1TrainConfig(TrainConfig):
+    # where the frozen base lives: "zero3" partitions it over the ranks (every layer all-gathered in forward,
+    # backward and recompute); "replicated" keeps it whole on every rank with only the LoRA parameters, their
+    # gradients and optimizer state under ZeRO-2 (ZeRO-1 if the DeepSpeed file says 1); "auto" takes
+    # replicated when the memory plan (llm2clip/memory_plan.py) fits the device, else zero3, and logs why
+    strategy: Literal["auto", "zero3", "replicated"] = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.strategy == "replicated" and self.zero_stage == 3:
+            raise ConfigError("train.strategy=replicated contradicts train.zero_stage=3; drop train.zero_stage "
+                              "or use train.strategy=zero3")
+        if self.strategy == "zero3" and self.zero_stage not in (None, 3):
+            raise ConfigError(f"train.strategy=zero3 contradicts train.zero_stage={self.zero_stage}; drop "
+                              "train.zero_stage or use train.strategy=replicated")
+
+
+@dataclass
 class Stage1Config:
     run: RunConfig = field(default_factory=RunConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -196,4 +214,4 @@ class Stage1Config:
     data: Stage1DataConfig = field(default_factory=Stage1DataConfig)
     loss: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: Stage1TrainConfig = field(default_factory=lambda: Stage1TrainConfig())

@@ -33,7 +33,8 @@ def test_zero3_lora_two_process_learns(tiny_world, tmp_path):
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     p = torchrun(TRAIN, stage1_args(tiny_world, out, "--set", "train.max_steps=30", "--set", "train.eval_every=15",
                                     "--set", "train.save_every=15", "--set", "text.gradient_checkpointing=true",
-                                    "--set", f"train.deepspeed_config={tmp_path / 'zero3.json'}"), timeout=600)
+                                    "--set", f"train.deepspeed_config={tmp_path / 'zero3.json'}",
+                                    "--set", "train.strategy=zero3"), timeout=600)
     m = re.search(r"ZeRO-3 load: rank 0 materialised [\d,]+ of [\d,]+ parameters \(([\d.]+)%\)", p.stdout + p.stderr)
     assert m and float(m.group(1)) < 60, "zero.Init must partition the weights at load (2 ranks: ~50% each)"
     summary = json.loads((out / "summary.json").read_text())

@@ -35,12 +35,22 @@ class Stage1Task:
     def __init__(self, cfg: Stage1Config):
         self.cfg = cfg
         self._hf_ds = None
-        self.zero = zero_stage(cfg)
         self.world, self.rank = D.get_world_size(), D.get_rank()
+        self._resolve_strategy()
+        self.zero = zero_stage(cfg)
         self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
         self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
             if cfg.data.val_path else None
         self.empty_skipped = 0  # examples left out for an empty caption (text.empty_captions=skip)
+
+    def _resolve_strategy(self) -> None:
+        """train.strategy -> train.zero_stage, decided on rank 0 (from the memory plan) for every rank."""
+        from llm2clip.memory_plan import device_memory_gib, resolve_strategy
+
+        got = resolve_strategy(self.cfg, self.world, device_memory_gib()) if self.rank == 0 else None
+        stage, why = D.broadcast_object(got)
+        self.cfg.train.zero_stage = stage
+        log.info(f"ZeRO-{stage}: {why}")
 
     # --- model ---------------------------------------------------------------------------------
     def module(self) -> nn.Module:
@@ -205,27 +215,31 @@ class Stage1Task:
             if not adapter_sd or all(t.numel() == 0 for t in adapter_sd.values()):
                 raise RuntimeError("the gathered LoRA adapter is empty; refusing to write it")
             module.backbone.save_pretrained(str(tmp / "adapter"), state_dict=adapter_sd)
-            # merged = fresh base (no ZeRO partitioning) + adapter
-            if self._hf_ds is not None:
+            # merged = base (+ text.lora_path) + adapter, streamed tensor by tensor from the base's safetensors
+            # in its own dtype: no copy of the base in memory (llm2clip/lora_merge.py)
+            from llm2clip.lora_merge import write_merged
+
+            adapters = ([cfg.text.lora_path] if cfg.text.lora_path else []) + [tmp / "adapter"]
+            write_merged(cfg.text.model_path, adapters, tmp / "merged",
+                         {"is_causal": cfg.text.attention == "causal"})
+            hidden = int(module.backbone.config.hidden_size)
+        else:
+            if self._hf_ds is not None:  # a fresh, whole model: no zero.Init partitioning while it loads
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
                 self._hf_ds = None
-            from peft import PeftModel
-
-            base = load_backbone(cfg.text, dtype=torch.float32)
-            merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
-        else:
             merged = load_backbone(cfg.text, dtype=torch.float32)
             merged.load_state_dict(sd, strict=False)
-        merged.config.is_causal = cfg.text.attention == "causal"
-        merged.save_pretrained(str(tmp / "merged"))
+            merged.config.is_causal = cfg.text.attention == "causal"
+            merged.save_pretrained(str(tmp / "merged"))
+            hidden = int(merged.config.hidden_size)
         tok.save_pretrained(str(tmp / "merged"))
         from llm2clip.text.settings import RECORD_FILE, encoder_settings
 
         info = {"base_model": str(Path(cfg.text.model_path).resolve()), "lora": cfg.lora.enabled,
                 **encoder_settings(cfg.text), "query_instruction": cfg.data.query_instruction,
-                "padding_side": cfg.text.padding_side, "hidden_size": int(merged.config.hidden_size)}
+                "padding_side": cfg.text.padding_side, "hidden_size": hidden}
         atomic_write_text(tmp / "merged" / RECORD_FILE, json.dumps(info, indent=1))
 
 
