@@ -34,7 +34,7 @@ def served(tmp_path_factory):
         end = tf.getmembers()[7 * 3 - 1]  # 3 members per sample (jpg, txt, json): cut after the 7th sample
     data = (train / "cut.tar").read_bytes()
     (train / "cut.tar").write_bytes(data[: end.offset_data + -(-end.size // 512) * 512])
-    with LoopbackServer(root / "data") as srv:
+    with LoopbackServer(root) as srv:
         yield SimpleNamespace(root=root, train=train, url=srv.url, srv=srv)
 
 
@@ -52,19 +52,19 @@ def test_http_and_pipe_give_the_local_samples(served):
     local = str(served.train / "shard-000000.tar")
     ref = samples(local)
     assert len(ref) == 20
-    for spec in (f"{served.url}/train/shard-000000.tar", f"pipe:cat {local}"):
+    for spec in (f"{served.url}/data/train/shard-000000.tar", f"pipe:cat {local}"):
         rs = ReadStats()
         assert samples(spec, rs) == ref, spec
         assert rs.bytes_read == (served.train / "shard-000000.tar").stat().st_size and not rs.read_errors
     # URLs are brace-expanded, never globbed or checked for existence; local specs as before
-    assert expand_shards(f"{served.url}/train/shard-{{000000..000001}}.tar::{served.url}/x/*.tar") == [
-        f"{served.url}/train/shard-000000.tar", f"{served.url}/train/shard-000001.tar", f"{served.url}/x/*.tar"]
-    assert shard_size(f"{served.url}/train/shard-000001.tar") == 20  # the folder's sizes.json, over HTTP
+    assert expand_shards(f"{served.url}/data/train/shard-{{000000..000001}}.tar::{served.url}/x/*.tar") == [
+        f"{served.url}/data/train/shard-000000.tar", f"{served.url}/data/train/shard-000001.tar", f"{served.url}/x/*.tar"]
+    assert shard_size(f"{served.url}/data/train/shard-000001.tar") == 20  # the folder's sizes.json, over HTTP
     assert shard_size(f"{served.url}/nowhere/shard-000001.tar") is None
 
 
 def test_cut_connections_are_retried_and_resumed(served, caplog):
-    path = "/train/shard-000001.tar"
+    path = "/data/train/shard-000001.tar"
     served.srv.cut[path] = 2
     before = served.srv.requests[path]
     rs = ReadStats()
@@ -81,25 +81,31 @@ def test_cut_connections_are_retried_and_resumed(served, caplog):
 
 
 def test_stage2_stream_over_http_equals_local_and_skips_bad_remote_shards(served, caplog):
-    def keys_and_batches(spec):
-        cfg = cfg_for(spec, served.root / "emb", "data.original_fields=[txt]", "data.dense_fields=[dense]",
+    def keys_and_batches(spec, emb=served.root / "emb"):
+        cfg = cfg_for(spec, emb, "data.original_fields=[txt]", "data.dense_fields=[dense]",
                       "data.shuffle_buffer=1")
         ds = Stage2Stream(cfg.data, 5, 0, 0, 1, 32, (0.5,) * 3, (0.5,) * 3, False)
         return [b for _, b in zip(range(8), make_loader(ds, 0))]
 
     local = keys_and_batches(f"{served.train}/shard-{{000000..000001}}.tar")
-    remote = keys_and_batches(f"{served.url}/train/shard-{{000000..000001}}.tar")
-    assert [b["keys"] for b in remote] == [b["keys"] for b in local]
-    for a, b in zip(local, remote):
-        assert np.array_equal(a["pixels"].numpy(), b["pixels"].numpy())
-        assert np.array_equal(a["emb"].numpy(), b["emb"].numpy())
+    remote = keys_and_batches(f"{served.url}/data/train/shard-{{000000..000001}}.tar")
+    both = keys_and_batches(f"{served.url}/data/train/shard-{{000000..000001}}.tar", f"{served.url}/emb")  # sidecars too
+    for other in (remote, both):
+        assert [b["keys"] for b in other] == [b["keys"] for b in local]
+        for a, b in zip(local, other):
+            assert np.array_equal(a["pixels"].numpy(), b["pixels"].numpy())
+            assert np.array_equal(a["emb"].numpy(), b["emb"].numpy())
+    # the start-up check of sidecars in object storage reads their manifests through the same opener
+    scan = S.scan_sidecars([f"{served.url}/data/train/shard-000001.tar"],
+                           SimpleNamespace(out_dir=f"{served.url}/emb", image_root="", suffix=""), "fp0", ["txt"])
+    assert not scan.missing and not scan.invalid and list(scan.manifests.values())[0]["image_samples"] == 20
     # a shard that 404s forever and one cut short at a member boundary: skipped, counted, named; the run goes on
     with caplog.at_level(logging.WARNING, logger="llm2clip"):
-        bad = keys_and_batches(f"{served.url}/train/{{gone,cut,shard-000001}}.tar")
+        bad = keys_and_batches(f"{served.url}/data/train/{{gone,cut,shard-000001}}.tar")
     keys = [k for b in bad for k in b["keys"]]
     good = {k for b in local for k in b["keys"] if k >= "train_000000020"}
     assert good <= set(keys) and not {k for k in keys if k < "train_000000020"} - {f"train_{i:09d}" for i in range(7)}
-    assert f"{served.url}/train/gone.tar" in caplog.text and f"{served.url}/train/cut.tar" in caplog.text
+    assert f"{served.url}/data/train/gone.tar" in caplog.text and f"{served.url}/data/train/cut.tar" in caplog.text
     assert "end-of-archive" in caplog.text
     assert bad[-1]["_stats"]["read_errors"] >= 2, bad[-1]["_stats"]
 

@@ -272,3 +272,33 @@ def test_join_unsorted_keys_and_truncated_shards(tmp_path):
     got = [s["__key__"] for s in S.iter_joined(str(img), str(sc), None, FP, stats)]
     assert len(got) < 5 and got == ["k9", "k3", "k1", "k5", "k2"][: len(got)]
     assert stats.sidecar_only == 5 - len(got)
+
+
+def test_preflight_scan_trusts_only_a_current_index(tmp_path):
+    """scan_sidecars (the stage-2 start-up check) takes a folder's index.json in place of the manifests
+    only while it is current: a manifest rewritten after it, or a tar of another size, sends that shard
+    back to its manifest (and its problem is reported as before)."""
+    import os
+    cfg = SimpleNamespace(out_dir=str(tmp_path / "emb"), image_root="", suffix="")
+    images, manifests = [], []
+    for i, n in enumerate((3, 4, 5)):
+        img = make_image_shard(tmp_path / "img" / f"{i}.tar", imgs(keys_n(n, f"k{i}_")))
+        images.append(str(img))
+        manifests.append(make_sidecar(Path(S.sidecar_path_for(str(img), cfg)), keys_n(n, f"k{i}_")))
+    S.write_index(tmp_path / "emb" / "index.json", manifests)
+    scan = S.scan_sidecars(images, cfg, FP, ["txt"])
+    assert scan.from_index == 3 and not scan.missing and not scan.invalid
+    assert [scan.manifests[i]["image_samples"] for i in images] == [3, 4, 5]
+    assert scan.manifests[images[0]]["fingerprint"] == FP
+    # shard 1 re-embedded after the index (another encoder); shard 2's tar replaced by a shorter one
+    sc1, sc2 = (Path(S.sidecar_path_for(images[k], cfg)) for k in (1, 2))
+    make_sidecar(sc1, keys_n(4, "k1_"), fp=FP2)
+    later = os.stat(tmp_path / "emb" / "index.json").st_mtime_ns + 10**9
+    os.utime(S.manifest_path(sc1), ns=(later, later))
+    sc2.write_bytes(sc2.read_bytes()[:2048])
+    scan = S.scan_sidecars(images, cfg, FP, ["txt"])
+    assert scan.from_index == 1 and list(scan.manifests) == [images[0]]
+    assert [i for i, _ in scan.invalid] == images[1:]
+    assert FP2 in scan.invalid[0][1] and "truncated" in scan.invalid[1][1]
+    # the index is never used for the full check
+    assert S.scan_sidecars(images[:1], cfg, FP, ["txt"], verify=True).from_index == 0

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,14 +363,17 @@ def scan_sidecars(image_shards: list[str], cfg: Any, expected_fingerprint: str |
     after the manifests, sizes match) it stands in for the manifests: two stats per shard, no reads."""
     want = [field_name(f) for f in fields] if fields else None
     indexes: dict[str, _IndexView] = {}  # per sidecar folder
+    lock = threading.Lock()
 
     def one(img: str) -> tuple[str, dict | None, str | None, bool, bool]:
         sc = sidecar_path_for(img, cfg)
         if not verify:
             folder = sc.rpartition("/")[0]
-            if folder not in indexes:  # benign race between threads: at worst one index is read twice
-                indexes[folder] = _IndexView(index_path_for(sc, cfg))
-            m = indexes[folder].summary(sc)
+            view = indexes.get(folder)
+            if view is None:
+                with lock:  # one read of each folder's index, not one per thread
+                    view = indexes.get(folder) or indexes.setdefault(folder, _IndexView(index_path_for(sc, cfg)))
+            m = view.summary(sc)
             if m is not None:
                 reason = manifest_mismatch(m, expected_fingerprint or None, want)
                 return img, m, (f"{sc}: {reason}" if reason else None), False, True
