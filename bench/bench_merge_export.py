@@ -4,13 +4,13 @@ previous way (base loaded in fp32 + peft merge_and_unload + save_pretrained), sa
 
     python bench/bench_merge_export.py --layers 2      # Llama-3.2-1B shape (bf16), 2 of its 16 layers
 
-Each way runs in its own subprocess; peak = resource.getrusage(RUSAGE_SELF).ru_maxrss of that process
-minus its maxrss after imports (so torch/transformers themselves are not counted).
+Each way runs in its own subprocess; after the imports its peak RSS is reset (Linux: "5" written to
+/proc/self/clear_refs), and the figure is the peak RSS (VmHWM) during the export minus the RSS before it
+(file-backed pages of memory-mapped safetensors count, as they do for the machine).
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,8 +24,11 @@ L1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num
            vocab_size=128256, tie_word_embeddings=False)
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(way: str, base: str, adapter: str, out: str) -> None:
@@ -35,7 +38,8 @@ def child(way: str, base: str, adapter: str, out: str) -> None:
 
     from llm2clip.lora_merge import write_merged
 
-    before = _rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status_mib("VmRSS")
     t0 = time.perf_counter()
     if way == "streamed":
         write_merged(base, [adapter], out, {"is_causal": False}, max_shard_bytes=512 * 1024 ** 2)
@@ -45,7 +49,7 @@ def child(way: str, base: str, adapter: str, out: str) -> None:
 
         m = AutoModel.from_pretrained(base, dtype=torch.float32)
         PeftModel.from_pretrained(m, adapter).merge_and_unload().save_pretrained(out)
-    print(json.dumps({"way": way, "peak_mib": _rss_mib() - before, "s": time.perf_counter() - t0}))
+    print(json.dumps({"way": way, "peak_mib": _status_mib("VmHWM") - before, "s": time.perf_counter() - t0}))
 
 
 def main() -> None:
