@@ -284,3 +284,20 @@ def test_resume_with_other_worker_count_is_refused_then_reset(tiny_world, tmp_pa
     train("--set", "train.max_steps=4", "--set", "data.num_workers=1", "--set", "run.reset_data_position=true")
     steps = sorted({m["step"] for m in read_metrics(out) if "train/loss" in m})
     assert steps == [1, 2, 3, 4]
+
+
+def test_stage1_rank_without_samples_fails_at_construction_naming_the_shard(tmp_path):
+    from llm2clip.data.pairs import PairStream
+    from llm2clip.schema import PairSourceConfig, Stage1DataConfig
+    _img2dataset_shard(tmp_path / "00000.tar", 0)
+    cfg = Stage1DataConfig(sources=[PairSourceConfig(path=str(tmp_path / "*.tar"), fields=["txt", "json:short_alt"])])
+    with pytest.raises(EmptyStreamError, match="00000.tar"):
+        PairStream(cfg, 2, seed=0, rank=0, world=1)
+
+
+def test_unreadable_shard_is_a_named_read_error(tmp_path, caplog):
+    from llm2clip.data.shards import ReadStats
+    rs = ReadStats()
+    with caplog.at_level(logging.WARNING, logger="llm2clip"):
+        assert list(iter_tar_samples(str(tmp_path / "gone.tar"), rs)) == []
+    assert len(rs.read_errors) == 1 and "gone.tar" in caplog.text

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
-from llm2clip.data.streams import ShuffledReader, Unit, assign_units
+from llm2clip.data.streams import ShuffledReader, Unit, assign_units, check_streams
 from llm2clip.schema import PairSourceConfig, Stage1DataConfig
 
 log = logging.getLogger("llm2clip")
@@ -44,6 +44,7 @@ class ShardPairSource:
         self.cfg, self.seed, self.name, self.negatives = cfg, seed, f"{name}.r{rank}", negatives
         shards = expand_shards(cfg.path)
         counts = [shard_size(s) for s in shards]
+        check_streams([shards], [counts], world)  # every rank has samples (as far as counts tell), before any model
         self.units = assign_units(shards, counts, world, rank)
         # samples in the source (for mixing by size); None when a shard has no _stats.json / sizes.json
         self.size = None if any(c is None for c in counts) else sum(counts)

@@ -4,9 +4,10 @@ The data is split into S = world x workers logical streams; `llm2clip.data.strea
 samples each stream owns (whole shards, or sample ranges of shards when there are fewer shards than
 streams: every sample is read once per epoch) and reads them through a seeded block shuffle over
 several open shards (`data.shuffle_buffer` samples). Each sample's dataset, caption field and crop
-come from RNGs keyed by (seed, stream, counter) or (seed, epoch, key), and only the chosen field's
-embedding is decoded. A stream's position is therefore a few integers per dataset, carried back with
-every batch together with its counters (skips per reason, samples and bytes read). PyTorch's
+come from RNGs keyed by (seed, stream, counter) or (seed, epoch, key); the field is chosen as the
+sample is read and only that embedding member is read and decoded. A stream's position is therefore
+a few integers per dataset, carried back with every batch together with its counters (skips per
+reason, samples and bytes read). PyTorch's
 DataLoader returns batches round-robin over workers, so after resuming at batch b the loader's
 worker w plays logical stream (w + b) mod workers: the sequence of batches continues exactly as
 without the interruption. The stream states belong to one topology (world x workers); `check_topology`
