@@ -80,8 +80,10 @@ def test_every_shipped_config_validates():
     from tests.helpers import ROOT
     from llm2clip.schema_embed import EmbedConfig
     from llm2clip.schema_eval import EvalConfig
+    from llm2clip.schema_baseline import ClipBaselineConfig
     from llm2clip.schema_stage2 import Stage2Config
-    kinds = {"stage1": Stage1Config, "embed": EmbedConfig, "stage2": Stage2Config, "eval": EvalConfig}
+    kinds = {"stage1": Stage1Config, "embed": EmbedConfig, "stage2": Stage2Config, "eval": EvalConfig,
+             "clip_baseline": ClipBaselineConfig}
     files = sorted((ROOT / "configs").rglob("*.yaml"))
     assert len(files) >= 7
     for f in files:
