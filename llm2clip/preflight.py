@@ -18,6 +18,7 @@ from typing import Any
 
 from llm2clip import distributed as D
 from llm2clip.config import ConfigError
+from llm2clip.ds_config import build_ds_config
 
 FIELD_PROBE_SHARDS = 8  # shards whose first samples are read to see which caption fields exist
 FIELD_PROBE_SAMPLES = 32  # samples read per probed shard
@@ -66,8 +67,6 @@ def _output_dir(path: str, out: list[Problem]) -> None:
 
 
 def _deepspeed(cfg: Any, out: list[Problem]) -> None:
-    from llm2clip.engine import build_ds_config
-
     try:
         build_ds_config(cfg.train, cfg.optim, max(D.get_world_size(), 1))
     except ConfigError as e:

@@ -67,7 +67,7 @@ def test_nonfinite_skip_fails_after_too_many_in_a_row(tmp_path):
 
 def test_skip_needs_zero_1_or_2():
     from llm2clip.config import ConfigError
-    from llm2clip.engine import build_ds_config
+    from llm2clip.ds_config import build_ds_config
     from llm2clip.schema import OptimConfig, TrainConfig
     t = TrainConfig(deepspeed_config="ds_configs/zero3_bf16.json", on_nonfinite="skip", precision="bf16")
     with pytest.raises(ConfigError, match=r"train.on_nonfinite=skip needs ZeRO stage 1 or 2"):
