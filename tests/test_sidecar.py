@@ -178,7 +178,8 @@ def test_join_values_order_and_streaming(tmp_path, monkeypatch):
     sc = tmp_path / "emb" / "x.tar"
     make_sidecar(sc, keys)
     consumed = {"n": 0}
-    real = S.iter_tar_samples
+    from llm2clip.data import join as J
+    real = J.iter_tar_samples
 
     def counting(path, *a, **k):
         for s in real(path, *a, **k):
@@ -186,7 +187,7 @@ def test_join_values_order_and_streaming(tmp_path, monkeypatch):
                 consumed["n"] += 1
             yield s
 
-    monkeypatch.setattr(S, "iter_tar_samples", counting)
+    monkeypatch.setattr(J, "iter_tar_samples", counting)
     stats = S.JoinStats()
     it = S.iter_joined(str(img), str(sc), ["txt", "json:dense"], FP, stats)
     first = next(it)

@@ -27,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from llm2clip.data.rng import keyed_rng
 from llm2clip.data.shards import (IMAGE_EXTS, ReadStats, expand_shards, get_caption, image_member, iter_tar_samples,
                                   shard_size)
-from llm2clip.data.sidecar import JoinStats, decode_npy, iter_joined, read_manifest, sidecar_path_for
+from llm2clip.data.join import JoinStats, iter_joined
+from llm2clip.data.sidecar import decode_npy, read_manifest, sidecar_path_for
 from llm2clip.data.streams import ShuffledReader, TopologyError, Unit, assign_units, check_topology, unit_count  # noqa: F401
 from llm2clip.data.transforms import train_transform
 from llm2clip.schema_embed import field_name
