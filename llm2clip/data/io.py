@@ -15,6 +15,8 @@ requests; the discarded bytes count in `bytes_read`, they are transferred). Afte
 reopens the last error is raised as OSError, which the tar reader turns into a skipped, counted and
 named shard (`ReadStats.read_errors`). Defaults: `LLM2CLIP_SHARD_RETRIES` (5) and
 `LLM2CLIP_SHARD_BACKOFF` (1.0 s) from the environment, so loader worker processes see them too.
+(For http(s), curl as gopen runs it also retries HTTP 408/429/5xx itself, 30 times 2 s apart, before
+it reports a failure here; a 404 fails at once.)
 
 Every returned object has `bytes_read`: the bytes actually read from the source (for a local file,
 seeks over data do not count).

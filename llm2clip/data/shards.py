@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llm2clip.data.io import is_url, local_path, open_shard, read_small
+from llm2clip.data.io import is_url, local_path, open_shard, read_small, shard_location
 
 log = logging.getLogger("llm2clip")
 
@@ -183,7 +183,10 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None, skip: int = 0,
 def _has_end_marker(fh, path: str, offset: int) -> bool:
     """Whether the two zero blocks that end a tar follow `offset` (where tarfile stopped). A compressed
     shard is not checked here: its decompressor already fails on a cut-off stream."""
-    if not path.endswith(".tar"):
+    try:
+        if not shard_location(path).endswith(".tar"):  # `pipe:aws s3 cp s3://b/x.tar -`: x.tar
+            return True
+    except ValueError:  # a pipe command naming no tar
         return True
     if fh.seekable():
         fh.seek(offset)
