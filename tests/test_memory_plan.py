@@ -192,3 +192,23 @@ def test_bad_input_model_folder_without_config(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "text.model_path" in lines[0] and "config.json" in lines[0], p.stderr
+
+
+def test_log_plan_warns_when_it_does_not_fit(caplog):
+    import logging
+
+    from llm2clip.memory_plan import MemoryPlan, log_plan
+
+    log = logging.getLogger("llm2clip")
+    plan = MemoryPlan("stage1", 8, gpu_mem_gib=1.0)
+    plan.add("base weights", 2 * 1024 ** 3)
+    with caplog.at_level(logging.INFO, logger="llm2clip"):
+        log_plan(plan, log)
+    warn = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "DOES NOT FIT" in warn[0].getMessage() and "micro_batch_size" in warn[0].getMessage()
+    caplog.clear()
+    plan.gpu_mem_gib = 80.0
+    with caplog.at_level(logging.INFO, logger="llm2clip"):
+        log_plan(plan, log)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "fits: 2.0 GiB of 80 GiB" in caplog.text
