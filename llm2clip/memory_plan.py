@@ -239,8 +239,9 @@ def plan_embed(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
     return plan
 
 
-def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
-    """Vision tower (trained) + projection + adapter on precomputed embeddings."""
+def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0, llm_dim: int | None = None) -> MemoryPlan:
+    """Vision tower (trained) + projection + adapter on precomputed embeddings. llm_dim: the caption
+    embeddings' width (the task knows it from the sidecars); default model.llm_dim, else 4096 (Llama-3-8B)."""
     from llm2clip.model.adapter import LLMAdapter
 
     prec = _precision(cfg.train)
@@ -252,7 +253,7 @@ def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
 
     with torch.device("meta"):
         tower = AutoModel.from_config(vcfg)
-        llm_dim = cfg.model.llm_dim or 4096
+        llm_dim = llm_dim or cfg.model.llm_dim or 4096
         adapter = LLMAdapter(llm_dim, cfg.model.embed_dim, cfg.model.adapter_blocks, cfg.model.adapter_expansion,
                              cfg.model.adapter_dropout)
     n_tower = sum(p.numel() for p in tower.parameters())
@@ -265,6 +266,7 @@ def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0) -> MemoryPlan:
     tokens = B * ((img // patch) ** 2 + 1)
     plan = MemoryPlan("stage2", world, gpu_mem_gib, info={"tower": Path(cfg.vision.path).name, "zero": stage,
                                                            "precision": prec, "micro_batch": B, "image": img,
+                                                           "llm_dim": llm_dim,
                                                            "params": f"{n_tower:,} tower + adapter"})
     plan.components += zero_state(counts, stage, world, pbytes, ds)
     h = int(getattr(vcfg, "hidden_size", 1024))

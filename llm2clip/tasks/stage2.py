@@ -153,7 +153,7 @@ class Stage2Task:
     def memory_plan(self, world: int, gpu_mem_gib: float):  # logged by the engine before the model loads
         from llm2clip.memory_plan import plan_stage2
 
-        return plan_stage2(self.cfg, world, gpu_mem_gib)
+        return plan_stage2(self.cfg, world, gpu_mem_gib, llm_dim=self.llm_dim)
 
     def param_groups(self, module: nn.Module) -> list[dict]:
         o = self.cfg.optim
