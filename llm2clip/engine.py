@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.run_cfg.seed + D.get_rank())
+        if self.run_cfg.deterministic:
+            # bit-reproducible kernels (cuBLAS needs a fixed workspace); an op without a deterministic
+            # implementation then raises instead of silently differing between runs
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         if D.get_rank() == 0:
             save_config(self.full_config, self.out / "config.yaml")
             self._log_memory_plan()

@@ -24,7 +24,7 @@ class RunConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
-    deterministic: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU; errors on ops without one)
     # On resume, start the data streams from the beginning instead of the checkpoint's position (needed when
     # the world size or loader worker count changed: saved stream positions cannot be remapped exactly).
     reset_data_position: bool = False
