@@ -9,14 +9,17 @@ outside a `Literal[...]` raise with the key and the allowed values. Each datacla
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import os
+import shutil
+import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Iterator, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -202,6 +205,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it is renamed onto `out_dir` (an existing
+    `out_dir` is replaced only once the new one is complete), on error it is removed. Readers see the
+    old folder or the new one, never a half-written one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from llm2clip.config import atomic_dir
 from llm2clip.model.clip_model import LLM2CLIPModel
 
 PROJECTION_FILE = "visual_projection.safetensors"
@@ -100,26 +99,13 @@ def export_hf_vision(model: LLM2CLIPModel | str | os.PathLike, out_dir: str | os
         raise HFExportError(f"vision tower kind {kind!r} has no transformers class; the Hugging Face export "
                             "covers hf_clip and hf_siglip towers (use llm2clip.load_model for this one)")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (_write_clip if kind == "hf_clip" else _write_siglip)(model, tmp)
         (tmp / "llm2clip_export.json").write_text(json.dumps({
             "source": "llm2clip stage-2 vision tower", "kind": kind, "embed_dim": model.embed_dim,
             "image_size": model.tower.image_size, "text_encoder": model.text_encoder_info,
             "image_embeds": ("CLIPVisionModelWithProjection(...).image_embeds" if kind == "hf_clip" else
                              f"SiglipVisionModel(...).pooler_output @ {PROJECTION_FILE}['weight'].T")}, indent=1))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

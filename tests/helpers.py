@@ -1,7 +1,9 @@
 """Shared test utilities: tiny world (synthetic data + tiny models) and torchrun launching."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import os
 import subprocess
 import sys
@@ -28,3 +30,19 @@ def torchrun(script: str, args: list[str], nproc: int = 2, **kw) -> subprocess.C
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_shard(path, samples):
+    """A plain tar shard; samples: list of (key, {ext: bytes|str}) in member order."""
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                data = data.encode() if isinstance(data, str) else data
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def caption_sample(i, dense="a dense caption", txt=None):
+    return (f"s{i:04d}", {"txt": txt if txt is not None else f"caption {i}",
+                          "json": json.dumps({"dense": dense, "short_alt": f"alt {i}"})})

@@ -2,7 +2,6 @@
 import io
 import json
 import logging
-import tarfile
 
 import pytest
 from PIL import Image
@@ -10,28 +9,13 @@ from PIL import Image
 from llm2clip.data.pairs import JsonlPairSource, PairStream, ShardPairSource
 from llm2clip.data.shards import expand_shards, iter_tar_samples
 from llm2clip.schema import PairSourceConfig, Stage1DataConfig
+from tests.helpers import caption_sample, write_shard
 
 
 def _jpg(color=(200, 30, 30)) -> bytes:
     b = io.BytesIO()
     Image.new("RGB", (32, 32), color).save(b, "JPEG")
     return b.getvalue()
-
-
-def write_shard(path, samples):
-    """samples: list of (key, {ext: bytes|str})"""
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                data = data.encode() if isinstance(data, str) else data
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-
-
-def caption_sample(i, dense="a dense caption", txt=None):
-    return (f"s{i:04d}", {"txt": txt if txt is not None else f"caption {i}",
-                          "json": json.dumps({"dense": dense, "short_alt": f"alt {i}"})})
 
 
 def test_missing_and_empty_caption_fields_are_skipped_and_counted(tmp_path, caplog):
@@ -89,7 +73,9 @@ def test_single_source_batches_mix_by_weight(tmp_path):
     write_shard(tmp_path / "img.tar", [caption_sample(i) for i in range(8)])
     p = tmp_path / "pairs.jsonl"
     p.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(8)))
-    cfg = Stage1DataConfig(sources=[PairSourceConfig(path=str(tmp_path / "img.tar"), fields=["txt", "json:dense"]),
+    # weights given: this shard has no _stats.json, so mixing by size (the default) would be refused
+    cfg = Stage1DataConfig(sources=[PairSourceConfig(path=str(tmp_path / "img.tar"), fields=["txt", "json:dense"],
+                                                     weight=1.0),
                                     PairSourceConfig(kind="jsonl", path=str(p), weight=1.0)])
     stream = PairStream(cfg, 4, seed=0, rank=0, world=1)
     kinds = []

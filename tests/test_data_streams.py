@@ -18,6 +18,7 @@ from llm2clip.data.stage2_stream import Stage2Stream, make_loader
 from llm2clip.data.streams import (EmptyStreamError, ShuffledReader, TopologyError, Unit, assign_units,
                                    check_streams, check_topology)
 from llm2clip.schema_stage2 import Stage2Config
+from tests.helpers import write_shard
 
 FIELDS = ["txt", "short_alt", "dense", "dense_alt"]
 
@@ -150,16 +151,6 @@ def test_topology_change_is_refused_or_reset():
     assert check_topology(None, 1, 3, False) is None
 
 
-def _write_tar(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                data = data.encode() if isinstance(data, str) else data
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-
-
 def _img(seed):
     from PIL import Image
     b = io.BytesIO()
@@ -169,7 +160,7 @@ def _img(seed):
 
 def _img2dataset_shard(path, n, start=0):
     """A shard as img2dataset writes it, with its _stats.json (successes: n)."""
-    _write_tar(path, [(f"{start + i:09d}", {"jpg": _img(i), "txt": f"a caption {start + i}",
+    write_shard(path, [(f"{start + i:09d}", {"jpg": _img(i), "txt": f"a caption {start + i}",
                                             "json": json.dumps({"short_alt": f"alt {start + i}",
                                                                 "dense": f"dense {start + i}"})})
                       for i in range(n)])

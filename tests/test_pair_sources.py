@@ -10,6 +10,7 @@ import pytest
 from llm2clip.config import ConfigError, load_config
 from llm2clip.data.pairs import PairStream
 from llm2clip.schema import Stage1Config
+from tests.helpers import caption_sample, write_shard
 
 
 def _jsonl(path, n, tag):
@@ -49,3 +50,16 @@ def test_weights_override_size_and_must_be_positive(tmp_path):
     assert s.weights == [1.0, 3.0]
     with pytest.raises(ConfigError, match="weight"):
         _cfg(tmp_path, "data.sources.0.weight=0")
+
+
+def test_mixing_by_size_needs_counts_and_says_so(tmp_path):
+    """A shard source without _stats.json / sizes.json cannot be mixed by size: the error names the
+    source and asks for a weight (instead of silently weighting it 1 against thousands of pairs)."""
+    write_shard(tmp_path / "img.tar", [caption_sample(i) for i in range(8)])
+    big = _jsonl(tmp_path / "big.jsonl", 30, "big")
+    cfg = load_config(Stage1Config, None, [
+        "text.model_path=x",
+        f"data.sources=[{{kind: shards, path: '{tmp_path / 'img.tar'}', fields: [txt, 'json:dense']}}, "
+        f"{{kind: jsonl, path: '{big}'}}]"])
+    with pytest.raises(ValueError, match=r"data.sources\[0\].*img.tar.*weight"):
+        PairStream(cfg.data, 2, 0, 0, 1)

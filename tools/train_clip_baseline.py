@@ -16,9 +16,10 @@ from llm2clip.schema_baseline import ClipBaselineConfig  # noqa: E402
 
 def main(argv=None):
     cfg, _ = cli_config(ClipBaselineConfig, argv, description=__doc__)
+    from llm2clip.tasks import run_cli
     from llm2clip.tasks.clip_baseline import run_clip_baseline  # heavy imports only after the config validated
 
-    run_clip_baseline(cfg)
+    run_cli(run_clip_baseline, cfg)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,10 @@ from llm2clip.schema_stage2 import Stage2Config  # noqa: E402
 
 def main(argv=None):
     cfg, _ = cli_config(Stage2Config, argv, description=__doc__)
+    from llm2clip.tasks import run_cli
     from llm2clip.tasks.stage2 import run_stage2  # heavy imports only after the config validated
 
-    from llm2clip import distributed as D
-    from llm2clip.checkpoint import RunDirLockedError
-    from llm2clip.preflight import PreflightError
-
-    try:
-        run_stage2(cfg)
-    except (PreflightError, RunDirLockedError) as e:  # the message says it all: no traceback, once per job
-        if D.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_cli(run_stage2, cfg)
 
 
 if __name__ == "__main__":

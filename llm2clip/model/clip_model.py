@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm2clip.config import atomic_dir
 from llm2clip.model.adapter import LLMAdapter
 from llm2clip.vision.towers import VisionTower
 
@@ -154,22 +153,10 @@ class LLM2CLIPModel(nn.Module):
                 t = t.contiguous().clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[k] = t
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump(self.config_dict(), f, indent=2, sort_keys=True)
-            os.chmod(tmp, 0o755)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod
