@@ -42,16 +42,16 @@ def dataset_shards(spec: str) -> list[list[str]]:
     return [expand_shards(part) for part in spec.split("::") if part.strip()]
 
 
-def dataset_weights(datasets: list[list[str]], weights: list[float]) -> list[float]:
+def dataset_weights(datasets: list[list[str]], weights: list[float],
+                    sizes: list[list[int | None]] | None = None) -> list[float]:
+    """Sampling weight per dataset: data.weights, else its sample count (`sizes` from `shard_sizes`, read
+    here when not given; a shard without a count counts 1)."""
     if weights:
         if len(weights) != len(datasets):
             raise ValueError(f"data.weights has {len(weights)} values for {len(datasets)} datasets ('::'-separated)")
         return list(weights)
-    sizes = []
-    for shards in datasets:  # by size: sample counts from _stats/sizes.json, else shard counts
-        counts = [shard_size(s) for s in shards]
-        sizes.append(sum(c if c is not None else 1 for c in counts))
-    return [float(s) for s in sizes]
+    sizes = sizes if sizes is not None else [[shard_size(s) for s in shards] for shards in datasets]
+    return [float(sum(c if c is not None else 1 for c in counts)) for counts in sizes]
 
 
 def shard_sizes(shards: list[str], sidecar_cfg: Any = None) -> list[int | None]:
@@ -112,14 +112,17 @@ class Stage2Stream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: Stage2DataConfig, micro_batch: int, seed: int, rank: int, world: int,
                  image_size: int, mean, std, online: bool, start: dict | None = None,
-                 expected_fingerprint: str | None = None):
+                 expected_fingerprint: str | None = None, sizes: list[list[int | None]] | None = None):
         self.cfg, self.micro_batch, self.seed = cfg, micro_batch, seed
         self.rank, self.world, self.online = rank, world, online
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.datasets = dataset_shards(cfg.shards)
-        # counts read once here (workers inherit them): they decide every stream's sample ranges
-        self.sizes = [shard_sizes(sh, None if online else cfg.sidecar) for sh in self.datasets]
-        self.weights = dataset_weights(self.datasets, cfg.weights)
+        # per-shard sample counts decide every stream's sample ranges; the task passes the ones rank 0 read
+        # and broadcast (at 100k shards every rank re-reading every manifest is minutes of metadata I/O);
+        # read here only when not given. Workers inherit them.
+        self.sizes = sizes if sizes is not None else [shard_sizes(sh, None if online else cfg.sidecar)
+                                                      for sh in self.datasets]
+        self.weights = dataset_weights(self.datasets, cfg.weights, self.sizes)
         self.fingerprint = expected_fingerprint
         start = start or {}
         self.worker_states: dict[int, dict] = {int(k): v for k, v in start.get("workers", {}).items()}

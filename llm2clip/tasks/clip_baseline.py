@@ -90,7 +90,8 @@ class ClipBaselineTask(Stage2Task):
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.online, self.embedder, self.sidecar_info = True, None, {}
         datasets = dataset_shards(cfg.data.shards)
-        check_streams(datasets, [shard_sizes(sh) for sh in datasets], stream_count(self.world, cfg.data.num_workers))
+        self.shard_sizes = D.broadcast_object([shard_sizes(sh) for sh in datasets] if self.rank == 0 else None)
+        check_streams(datasets, self.shard_sizes, stream_count(self.world, cfg.data.num_workers))
         self.tokenizer = tf.AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         self.states: dict[int, dict] = {}
         self.consumed = 0

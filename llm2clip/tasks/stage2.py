@@ -117,7 +117,10 @@ class Stage2Task:
         self.llm_dim = width
         # before any model loads: every data stream (rank x worker) owns samples of every dataset
         datasets = dataset_shards(cfg.data.shards)
-        sizes = [shard_sizes(sh, None if self.online else cfg.data.sidecar) for sh in datasets]
+        # rank 0 reads the counts (manifests / _stats.json) once; every rank and loader worker uses its answer
+        sizes = D.broadcast_object([shard_sizes(sh, None if self.online else cfg.data.sidecar) for sh in datasets]
+                                   if self.rank == 0 else None)
+        self.shard_sizes = sizes
         check_streams(datasets, sizes, stream_count(self.world, cfg.data.num_workers))
         if cfg.data.epochs is not None:
             steps, warn = steps_for_epochs(datasets, cfg.data.epochs, cfg.train.micro_batch_size,
@@ -171,7 +174,8 @@ class Stage2Task:
         self.states = {int(k): v for k, v in start.get("workers", {}).items()}
         self.consumed = int(start.get("batches", 0))
         ds = Stage2Stream(c.data, c.train.micro_batch_size, c.run.seed, self.rank, self.world, tower.image_size,
-                          tower.mean, tower.std, self.online, start, self.sidecar_info.get("fingerprint"))
+                          tower.mean, tower.std, self.online, start, self.sidecar_info.get("fingerprint"),
+                          sizes=self.shard_sizes)
         loader = make_loader(ds, c.data.num_workers)
 
         def gen():
