@@ -15,8 +15,8 @@ failing section records its error + traceback and the next one still runs), in u
   stage1       Stage1Task at the Llama-3-8B shape (paper config: LoRA r16, bf16) on the trainer's
                DeepSpeed engine: replicated (ZeRO-0) with gradient checkpointing on/off (and packing
                on/off where the stage-1 step supports it), then ZeRO-3 at world size 1: tokens/s, MFU (4N
-               per real token), peak memory (torch.cuda.max_memory_allocated), and a slot for the memory
-               planner's prediction (issue 11, not built yet: null).
+               per real token), peak memory (torch.cuda.max_memory_allocated), and the memory planner's
+               prediction for the same config (llm2clip.memory_plan) beside the measured peak.
 Models have random weights from configs built in code, saved as local folders so the project's own
 loaders read them; data comes from the synthetic generator (tools/make_synthetic_data.py). Writes
 `gpu_check.json` (everything) and `gpu_check.md` (a table for docs/PERFORMANCE.md) to --out, after

@@ -28,7 +28,17 @@ EXTRA_LLM = {"small": dict(hidden_size=128, intermediate_size=256, num_hidden_la
 PAPER = {"stage1": "configs/paper/stage1_llama3_8b.yaml", "embed": "configs/paper/embed_llama3_8b.yaml",
          "stage2": "configs/paper/stage2_clip_l14_336.yaml", "timm": "configs/paper/stage2_eva02_l14_336.yaml"}
 CAPTION_FIELDS = ["txt", "json:short_alt", "json:dense", "json:dense_alt"]  # of the synthetic shards
-PLANNER_NOTE = "memory planner (issue 11) not built yet"
+PLANNER_NOTE = ("llm2clip.memory_plan's total for the same config (world 1), given the measured real tokens per "
+                "caption: packed rows hold exactly those, padded rows more, so padded variants may exceed it")
+
+
+def planned_gib(plan_fn, *args, **kw) -> float | str:
+    """The memory planner's total in GiB for one measured variant, or its error as text (a planner bug must
+    not cost the section its measurements)."""
+    try:
+        return round(plan_fn(*args, **kw).total / 1024 ** 3, 3)
+    except Exception as e:  # noqa: BLE001
+        return f"planner error: {type(e).__name__}: {e}"
 
 
 class Budget:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from gpu_check_fixtures import CAPTION_FIELDS, PAPER, PLANNER_NOTE, Budget, Ctx, count_params, is_oom, train_step
+from gpu_check_fixtures import (CAPTION_FIELDS, PAPER, PLANNER_NOTE, Budget, Ctx, count_params, is_oom, planned_gib,
+                                train_step)
 
 def llm_folder(ctx: Ctx, res: dict, budget: Budget) -> str:
     """Setup: write the random-weight LLM folder that embed and stage1 load (its own budget)."""
@@ -188,14 +189,16 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
     tokens/s, MFU = 4 N_nonemb per real token (recompute not counted), peak memory."""
     from llm2clip import distributed as D
     from llm2clip.engine import Trainer
+    from llm2clip.memory_plan import plan_stage1
     from llm2clip.tasks.stage1 import Stage1Task
 
     D.init_distributed(single_process_group=True)
     mb = ctx.shape["stage1_micro_batch"]
     W, I = ctx.shape["warmup"], ctx.shape["iters"]
     res.update(micro_batch_pairs=mb, flops_rule="4 * N_nonemb per real token (no recompute)",
-               memory_planner_gib=None, memory_planner_note=PLANNER_NOTE, modes=[])
+               memory_planner_note=PLANNER_NOTE, modes=[])
     ok = True
+    tpc = None  # real tokens per caption, measured
     for mode, zero in (("replicated", 0), ("zero3", 3)):
         m: dict[str, Any] = {"mode": mode, "zero_stage": zero, "variants": []}
         res["modes"].append(m)
@@ -203,6 +206,9 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
             m.update(status="skip", reason="section budget spent")
             continue
         cfg = _stage1_config(ctx, zero, mb)
+        # under ZeRO-3 the planner runs before the engine exists: once HfDeepSpeedConfig is live, building
+        # its meta-device model would go through zero.Init. Tokens per caption from the replicated mode.
+        pre_plan = planned_gib(plan_stage1, cfg, 1, tokens_per_caption=tpc) if zero == 3 else None
         task = Stage1Task(cfg)
         trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
         t0 = time.perf_counter()
@@ -248,7 +254,11 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
                     v.update(status="ok", steps=I, s_per_step=round(dt / I, 4), data_wait_frac=round(wait / dt, 4),
                              real_tokens=tok,
                              tokens_per_s=round(tps, 1), pairs_per_s=round(items / dt, 2),
-                             mfu=ctx.mfu(4 * nonemb * tps), peak_mem_gib=ctx.peak_gib(), planned_peak_gib=None)
+                             mfu=ctx.mfu(4 * nonemb * tps), peak_mem_gib=ctx.peak_gib())
+                    tpc = max(1, tok // (I * mb * (3 if cfg.data.hard_negatives else 2)))
+                    vcfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, gradient_checkpointing=gc_on))
+                    v["planned_peak_gib"] = (pre_plan if zero == 3 else
+                                             planned_gib(plan_stage1, vcfg, 1, tokens_per_caption=tpc))
                 except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else ends the mode
                     if not is_oom(e):
                         raise
@@ -271,6 +281,7 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
     peak memory and the fraction of step time spent waiting for the loader."""
     from llm2clip import distributed as D
     from llm2clip.engine import Trainer
+    from llm2clip.memory_plan import plan_stage2
     from llm2clip.schema_stage2 import Stage2Config
     from llm2clip.tasks.stage2 import Stage2Task
 
@@ -302,7 +313,7 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
     res.update(tower_kind=tower.kind, image_size=S, tokens_per_image=tokens, n_params_tower=n_tower,
                n_params_adapter_proj=n_rest, llm_dim=llm_dim, grad_ckpt=cfg.vision.gradient_checkpointing,
                flops_rule="6 x (N_tower x tokens + N_proj + N_adapter) per image (no recompute)",
-               memory_planner_gib=None, memory_planner_note=PLANNER_NOTE, search=[])
+               memory_planner_note="llm2clip.memory_plan.plan_stage2 at the loader's batch (world 1)", search=[])
 
     # the search tiles one real loader batch (whatever its format: uint8 or float pixels, extra keys)
     # up to each candidate size, so it costs no decoding
@@ -371,7 +382,8 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
     res["loader"] = {"status": "ok", "batch": best, "steps": done, "workers": cfg.data.num_workers,
                      "first_step_s": round(startup, 2), "s_per_step": round(dt / done, 4),
                      "images_per_s": round(best * done / dt, 1), "mfu": ctx.mfu(flops_img * best * done / dt),
-                     "peak_mem_gib": ctx.peak_gib(), "data_wait_frac": round(wait / dt, 4), "planned_peak_gib": None}
+                     "peak_mem_gib": ctx.peak_gib(), "data_wait_frac": round(wait / dt, 4),
+                     "planned_peak_gib": planned_gib(plan_stage2, cfg, 1, llm_dim=llm_dim)}
     del batches, engine, trainer, task, model, tower
     ctx.free()
     return "ok"

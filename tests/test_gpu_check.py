@@ -79,14 +79,15 @@ def test_embed_and_stage1_numbers_are_sane(report):
     assert by["on"]["packed"] and by["on"]["padding_fraction"] < by["off"]["padding_fraction"]
 
     s1 = report["sections"]["stage1"]["result"]
-    assert s1["memory_planner_gib"] is None and "issue 11" in s1["memory_planner_note"]
+    assert "memory_plan" in s1["memory_planner_note"]
     modes = {m["mode"]: m for m in s1["modes"]}
     assert set(modes) == {"replicated", "zero3"}
     for m in modes.values():
         assert m["status"] == "ok" and m["n_params_nonemb"] > 0
         for v in m["variants"]:
             assert v["status"] == "ok", v
-            assert v["tokens_per_s"] > 0 and v["real_tokens"] > 0 and v["planned_peak_gib"] is None
+            assert v["tokens_per_s"] > 0 and v["real_tokens"] > 0
+            assert isinstance(v["planned_peak_gib"], float) and v["planned_peak_gib"] > 0, v  # the planner ran
     rep = modes["replicated"]["variants"]
     assert {(v["grad_ckpt"], v["packing"]) for v in rep} >= {(True, "off"), (False, "off")}
 
