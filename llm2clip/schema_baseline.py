@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from llm2clip.config import ConfigError
 from llm2clip.schema import RunConfig, TrainConfig
-from llm2clip.schema_embed import SidecarConfig
 from llm2clip.schema_stage2 import Stage2DataConfig, Stage2OptimConfig
 
 
@@ -28,10 +27,8 @@ class BaselineModelConfig:
 class ClipBaselineConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/clip_baseline"))
     model: BaselineModelConfig = field(default_factory=BaselineModelConfig)
-    # the same stream as stage 2 in caption mode; short captions only by default. data.sidecar is not read
-    # (the baseline reads captions, not embeddings); the default only satisfies its validation.
-    data: Stage2DataConfig = field(default_factory=lambda: Stage2DataConfig(dense_ratio=0.0,
-                                                                            sidecar=SidecarConfig(suffix="_emb")))
+    # the same stream as stage 2 in caption mode; short captions only by default (no sidecars are read)
+    data: Stage2DataConfig = field(default_factory=lambda: Stage2DataConfig(dense_ratio=0.0))
     optim: Stage2OptimConfig = field(default_factory=Stage2OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(deepspeed_config="ds_configs/zero1_bf16.json",
                                                                    micro_batch_size=512, eval_every=0))

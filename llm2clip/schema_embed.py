@@ -33,11 +33,14 @@ class SidecarConfig:
     image_root: str = ""
     suffix: str = ""
 
-    def validate(self) -> None:
+    def require_location(self, key: str) -> None:
+        """For the configs that read or write sidecars (`key`: where this section sits, e.g. "output")."""
         if not self.out_dir and not self.suffix:
-            raise ConfigError("set output.out_dir (sidecars in a separate tree) or output.suffix (sidecars beside "
+            raise ConfigError(f"set {key}.out_dir (sidecars in a separate tree) or {key}.suffix (sidecars beside "
                               "the image shards, e.g. suffix: _emb -> X_emb.tar); with neither, the sidecar of X.tar "
                               "would be X.tar itself")
+
+    def validate(self) -> None:
         if "/" in self.suffix or self.suffix.endswith(".tar") or self.suffix.startswith("."):
             raise ConfigError(f"output.suffix={self.suffix!r} must be a plain name suffix such as '_emb' "
                               "(no '/', no leading '.', no '.tar')")
@@ -51,6 +54,10 @@ class EmbedOutputConfig(SidecarConfig):
     dtype: Literal["float16", "float32"] = "float16"  # of the stored vectors (.npy); compute dtype is text.dtype
     overwrite: bool = False  # recompute every shard of the job, even valid ones or another encoder's
     verify: Literal["sha256", "size"] = "sha256"  # how a rerun checks finished shards (size: no re-read)
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_location("output")
 
 
 @dataclass

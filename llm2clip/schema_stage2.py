@@ -117,5 +117,7 @@ class Stage2Config:
                                                                    micro_batch_size=512))
 
     def validate(self) -> None:
+        if self.text.mode == "offline":  # online mode (and the CLIP baseline) read no sidecars
+            self.data.sidecar.require_location("data.sidecar")
         if self.text.mode == "online" and self.text.encoder.model_path in ("", "(unset)"):
             raise ConfigError("text.mode=online needs text.encoder.model_path (the stage-1 merged encoder)")

@@ -89,3 +89,18 @@ def test_every_shipped_config_validates():
     for f in files:
         cls = next(c for k, c in kinds.items() if f.name.startswith(k))
         load_config(cls, f)
+
+
+def test_sidecar_location_required_only_where_sidecars_are_read():
+    from llm2clip.schema_baseline import ClipBaselineConfig
+    from llm2clip.schema_embed import EmbedConfig
+    from llm2clip.schema_stage2 import Stage2Config
+
+    with pytest.raises(ConfigError, match=r"data\.sidecar\.out_dir .* data\.sidecar\.suffix"):
+        load_config(Stage2Config, None, ["data.shards=x.tar", "vision.path=v"])
+    with pytest.raises(ConfigError, match=r"output\.out_dir .* output\.suffix"):
+        load_config(EmbedConfig, None, ["data.shards=x.tar", "text.model_path=m"])
+    # online mode embeds captions in the loop and the baseline reads captions: no sidecar key to set
+    load_config(Stage2Config, None, ["data.shards=x.tar", "vision.path=v", "text.mode=online",
+                                     "text.encoder.model_path=m"])
+    load_config(ClipBaselineConfig, None, ["data.shards=x.tar", "model.path=m"])
