@@ -97,7 +97,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, singl
             os.environ.setdefault(k, v)
     if info.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        # the same rule as slurm/_common.sh: 20000-29999, clear of service ports and of the ephemeral range
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
         os.environ.setdefault("RANK", str(info.rank))
         os.environ.setdefault("WORLD_SIZE", str(info.world_size))
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
