@@ -189,7 +189,23 @@ class ContrastiveConfig:
 
 
 @dataclass
-class Stage1TrainConfig(TrainConfig):
+class ChunkedTrainConfig(TrainConfig):
+    """TrainConfig of the contrastive trainers (stage 1, stage 2)."""
+    # GradCache (llm2clip/gradcache.py): embed the micro-batch this many items at a time, so activation memory
+    # is one chunk's while the loss and gradients stay those of the whole global batch. 0 = one pass.
+    contrastive_chunk: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        c = self.contrastive_chunk
+        if c < 0 or (c > 0 and self.micro_batch_size % c):
+            raise ConfigError(f"train.contrastive_chunk={c} must be 0 (off) or divide train.micro_batch_size="
+                              f"{self.micro_batch_size}; pick a divisor such as "
+                              f"{max(d for d in range(1, max(c, 1) + 1) if self.micro_batch_size % d == 0)}")
+
+
+@dataclass
+class Stage1TrainConfig(ChunkedTrainConfig):
     # where the frozen base lives: "zero3" partitions it over the ranks (every layer all-gathered in forward,
     # backward and recompute); "replicated" keeps it whole on every rank with only the LoRA parameters, their
     # gradients and optimizer state under ZeRO-2 (ZeRO-1 if the DeepSpeed file says 1); "auto" takes

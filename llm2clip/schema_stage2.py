@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from llm2clip.config import ConfigError
-from llm2clip.schema import OptimConfig, RunConfig, TextEncoderConfig, TrainConfig
+from llm2clip.schema import ChunkedTrainConfig, OptimConfig, RunConfig, TextEncoderConfig
 from llm2clip.schema_embed import SidecarConfig
 
 
@@ -113,8 +113,8 @@ class Stage2Config:
     text: TextSideConfig = field(default_factory=TextSideConfig)
     data: Stage2DataConfig = field(default_factory=Stage2DataConfig)
     optim: Stage2OptimConfig = field(default_factory=Stage2OptimConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(deepspeed_config="ds_configs/zero1_bf16.json",
-                                                                   micro_batch_size=512))
+    train: ChunkedTrainConfig = field(default_factory=lambda: ChunkedTrainConfig(
+        deepspeed_config="ds_configs/zero1_bf16.json", micro_batch_size=512))
 
     def validate(self) -> None:
         if self.text.mode == "offline":  # online mode (and the CLIP baseline) read no sidecars

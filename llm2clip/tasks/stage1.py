@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llm2clip import distributed as D
-from llm2clip.config import atomic_write_text
+from llm2clip.config import ConfigError, atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
 from llm2clip.data.streams import check_topology
 from llm2clip.engine import build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision, run_training
@@ -38,6 +38,10 @@ class Stage1Task:
         self.world, self.rank = D.get_world_size(), D.get_rank()
         self._resolve_strategy()
         self.zero = zero_stage(cfg)
+        if cfg.train.contrastive_chunk and self.zero == 3:
+            raise ConfigError(f"train.contrastive_chunk={cfg.train.contrastive_chunk} needs the LoRA parameters "
+                              "whole on every rank, not ZeRO-3: set train.strategy=replicated (or "
+                              "train.contrastive_chunk=0)")
         self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
         self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
             if cfg.data.val_path else None
@@ -82,7 +86,10 @@ class Stage1Task:
         if cfg.text.gradient_checkpointing:
             # Reentrant checkpointing: the non-reentrant default breaks with PEFT + ZeRO-3
             # (transformers #47254); reentrant needs inputs that require grad.
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            # GradCache's re-run differentiates with torch.autograd.grad, which reentrant checkpointing refuses
+            # (chunking is ZeRO-1/2 only, where the non-reentrant form works)
+            reentrant = not cfg.train.contrastive_chunk
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             if cfg.lora.enabled:
                 backbone.enable_input_require_grads()
         self.encoder = TextEncoder(backbone, cfg.text.pooling)
@@ -121,6 +128,37 @@ class Stage1Task:
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
         examples, use_neg = batch
         examples = self._non_empty(examples, use_neg)
+        n = len(examples)
+        ids = {}
+        if self.cfg.loss.mask_identical:
+            ids = {"p_ids": text_ids([e.positive for e in examples], engine.device),
+                   "n_ids": text_ids([e.negative for e in examples], engine.device) if use_neg else None}
+
+        def loss_of(embs) -> tuple[torch.Tensor, dict]:  # embs: (q, p[, neg]), each [n, H]
+            return infonce_loss(embs[0], embs[1], embs[2] if use_neg else None, self.cfg.loss.temperature, **ids)
+
+        chunk = self.cfg.train.contrastive_chunk
+        if chunk:  # GradCache: exact global-batch loss and gradients, one chunk's activations at a time
+            from llm2clip.gradcache import chunked_loss
+
+            tokens: dict[int, int] = {}
+
+            def embed(i: int, j: int, forward):
+                out, tokens[i] = self._embed(forward, engine.device, examples[i:j], use_neg)
+                return out
+
+            loss, m = chunked_loss(engine, n, chunk, embed,
+                                   lambda per: loss_of([torch.cat(x) for x in zip(*per)]))
+            n_tokens = sum(tokens.values())
+        else:
+            embs, n_tokens = self._embed(engine, engine.device, examples, use_neg)
+            loss, m = loss_of(embs)
+        m["n_items"] = n
+        return loss, m, n_tokens
+
+    def _embed(self, forward, device, examples: list, use_neg: bool) -> tuple[tuple[torch.Tensor, ...], int]:
+        """Examples -> ((query [n, H], positive [n, H][, negative [n, H]]), tokens), one packed forward
+        through `forward` (the engine, or its bare module for GradCache's early chunks)."""
         d = self.cfg.data
         n = len(examples)
         docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
@@ -129,17 +167,9 @@ class Stage1Task:
         instr = [d.query_instruction if e.instruction is None else e.instruction for e in examples] \
             + [d.doc_instruction] * len(docs)
         tb, inverse = self.embedder.train_batch(texts, instr)  # packed rows: no pad tokens to speak of
-        tb = tb.to(engine.device)
-        emb = engine(tb.input_ids, tb.attention_mask, tb.embed_mask, tb.seg_ids)[inverse.to(engine.device)]
-        q, p = emb[:n], emb[n:2 * n]
-        neg = emb[2 * n:] if use_neg else None
-        ids = {}
-        if self.cfg.loss.mask_identical:
-            ids = {"p_ids": text_ids([e.positive for e in examples], q.device),
-                   "n_ids": text_ids([e.negative for e in examples], q.device) if use_neg else None}
-        loss, m = infonce_loss(q, p, neg, self.cfg.loss.temperature, **ids)
-        m["n_items"] = n
-        return loss, m, tb.n_tokens
+        tb = tb.to(device)
+        emb = forward(tb.input_ids, tb.attention_mask, tb.embed_mask, tb.seg_ids)[inverse.to(device)]
+        return tuple(emb[k * n:(k + 1) * n] for k in range(3 if use_neg else 2)), tb.n_tokens
 
     def _non_empty(self, examples: list, use_neg: bool) -> list:
         """Examples whose captions are all non-empty; an empty one raises naming it, or (text.empty_captions

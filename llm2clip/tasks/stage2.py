@@ -212,8 +212,24 @@ class Stage2Task:
         dtype = torch.bfloat16 if resolve_precision(self.cfg.train) == "bf16" else torch.float32
         pixels = self.device_pixels(batch["pixels"], device, dtype)
         emb = self._text_emb(batch, device).to(dtype)
-        out = engine(pixels, emb)
-        loss = self.loss_fn(*out)
+        chunk = self.cfg.train.contrastive_chunk
+        if chunk:  # GradCache: exact global-batch loss and gradients, one chunk's activations at a time
+            from llm2clip.gradcache import chunked_loss
+
+            if engine.zero_optimization_stage() == 3:
+                raise ConfigError("train.contrastive_chunk needs ZeRO stage 0-2 (its parameters whole on every "
+                                  "rank); set train.zero_stage=1 or train.contrastive_chunk=0")
+            out = []
+
+            def loss_of(per):  # per chunk (image, text, scale[, bias]); the scale and bias are chunk 0's
+                out[:] = [torch.cat([o[0] for o in per]), torch.cat([o[1] for o in per]), *per[0][2:]]
+                return self.loss_fn(*out), {}
+
+            loss, _ = chunked_loss(engine, pixels.shape[0], chunk, lambda i, j, fwd: fwd(pixels[i:j], emb[i:j]),
+                                   loss_of)
+        else:
+            out = engine(pixels, emb)
+            loss = self.loss_fn(*out)
         m = {"n_items": pixels.shape[0], "logit_scale": float(out[2].detach())}
         return loss, m, pixels.shape[0]
 
