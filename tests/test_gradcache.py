@@ -97,17 +97,18 @@ def _same(a, b):
 @pytest.mark.slow
 def test_stage1_lora_chunked_two_process(tiny_world, tmp_path):
     """2 ranks, LoRA under ZeRO-2 (train.strategy=replicated), fp32: chunks of 4 give the one-pass loss and
-    gradient norm at every step (the negatives span both ranks' chunks)."""
+    gradient norm at every step (the negatives span both ranks' chunks), with gradient checkpointing too."""
     common = ["--set", "train.max_steps=2", "--set", "train.eval_every=0", "--set", "train.save_every=0",
               "--set", "data.val_path=", "--set", "train.micro_batch_size=8", "--set", "train.precision=fp32",
               "--set", "lora.dropout=0.0", "--set", "train.strategy=replicated"]
     runs = {}
-    for chunk in (0, 4):
-        out = tmp_path / f"c{chunk}"
-        torchrun(TRAIN1, stage1_args(tiny_world, out, *common, "--set", f"train.contrastive_chunk={chunk}"),
-                 timeout=300)
-        runs[chunk] = _steps(out)
-    _same(runs[0], runs[4])
+    for chunk, ckpt in ((0, "false"), (4, "false"), (4, "true")):  # checkpointing: non-reentrant when chunked
+        out = tmp_path / f"c{chunk}{ckpt}"
+        torchrun(TRAIN1, stage1_args(tiny_world, out, *common, "--set", f"train.contrastive_chunk={chunk}",
+                                     "--set", f"text.gradient_checkpointing={ckpt}"), timeout=300)
+        runs[chunk, ckpt] = _steps(out)
+    _same(runs[0, "false"], runs[4, "false"])
+    _same(runs[0, "false"], runs[4, "true"])
 
 
 @pytest.mark.slow
