@@ -3,11 +3,12 @@
 `train.contrastive_chunk` = c > 0: the task's local micro-batch is embedded c items at a time without
 a graph; the loss (gathered over the global batch as without chunking) is built on leaf copies of the
 embeddings and differentiated w.r.t. them; each chunk is then re-run with a graph and its slice of that
-gradient back-propagated into the trainable parameters (torch.autograd.grad, so nothing reaches
-`.grad` yet). The loss handed back to the engine is a surrogate whose backward returns the summed
-parameter gradients, scaled by the incoming gradient (DeepSpeed's 1/grad_accum and loss scale): every
-parameter's gradient then arrives once per `engine.backward`, as without chunking, so ZeRO-1/2's
-reduction hooks and DDP see an ordinary step. Peak activation memory is one chunk's graph.
+gradient back-propagated into the trainable parameters (torch.autograd.grad for all but the last chunk,
+so nothing reaches `.grad` yet). The loss handed back to the engine is a surrogate whose backward returns
+those summed parameter gradients and the last chunk's output gradients, scaled by the incoming gradient
+(DeepSpeed's 1/grad_accum and loss scale): every parameter's gradient then arrives once per
+`engine.backward`, as without chunking, so ZeRO-1/2's reduction hooks see an ordinary step. Peak
+activation memory is one chunk's graph (see `chunked_loss` for why the last chunk is special).
 
 The CPU and CUDA RNG states are saved before each chunk's first pass and restored for its re-run, so
 dropout draws the same masks twice; the RNG continues after the call as after the first pass.
