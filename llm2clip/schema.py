@@ -117,7 +117,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    deepspeed_config: str = "ds_configs/zero3_bf16.json"  # a path, or relative to the llm2clip checkout (always DeepSpeed)
+    deepspeed_config: str = "ds_configs/zero3_bf16.json"  # a path, or relative to the llm2clip checkout
     zero_stage: Optional[int] = None  # override the stage in the DeepSpeed file
     num_workers: int = 1
     stop_after: Optional[int] = None  # checkpoint and exit 0 at this step, keeping max_steps' lr schedule
