@@ -101,23 +101,7 @@ def test_activations_within_10_percent_of_measured(attn, ckpt):
     enc = TextEncoder(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def measure() -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            k = t.untyped_storage().data_ptr()
-            if k not in params:
-                seen[k] = max(seen.get(k, 0), t.untyped_storage().nbytes())
-            return t
-
-        ids = torch.randint(3, 100, (R, W))
-        ones = torch.ones(R, W, dtype=torch.long)
-        seg = torch.arange(R * W).view(R, W) // (W // 4)  # 4 captions per packed row
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            enc(ids, ones, ones, seg)
-        return sum(seen.values())
-
-    full = measure()
+    full = saved_bytes(enc, R, W, params)
     if ckpt:  # checkpointing keeps each layer's input, then recomputes one layer at a time in backward
         per_layer = (full - measure_with_layers(enc, model, 1, R, W, params)) / (L - 1)
         measured = full - L * per_layer + L * 128 * 4 * R * W + per_layer
@@ -129,27 +113,33 @@ def test_activations_within_10_percent_of_measured(attn, ckpt):
     assert abs(plan.total - measured) <= 0.10 * measured, (plan.total, measured, plan.components)
 
 
+def saved_bytes(enc, R: int, W: int, params) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one packed forward (4 captions per
+    row), parameters excluded: the measurement the plan's activations are checked against."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        k = t.untyped_storage().data_ptr()
+        if k not in params:
+            seen[k] = max(seen.get(k, 0), t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(3, 100, (R, W))
+    ones = torch.ones(R, W, dtype=torch.long)
+    seg = torch.arange(R * W).view(R, W) // (W // 4)  # 4 captions per packed row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        enc(ids, ones, ones, seg)
+    return sum(seen.values())
+
+
 def measure_with_layers(enc, model, layers: int, R: int, W: int, params) -> int:
     """The same forward with only the first `layers` decoder layers (per-layer bytes by difference)."""
     base = model.get_base_model()
     keep = base.layers
     base.layers = keep[:layers]
     try:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            k = t.untyped_storage().data_ptr()
-            if k not in params:
-                seen[k] = max(seen.get(k, 0), t.untyped_storage().nbytes())
-            return t
-
         torch.manual_seed(0)
-        ids = torch.randint(3, 100, (R, W))
-        ones = torch.ones(R, W, dtype=torch.long)
-        seg = torch.arange(R * W).view(R, W) // (W // 4)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            enc(ids, ones, ones, seg)
-        return sum(seen.values())
+        return saved_bytes(enc, R, W, params)
     finally:
         base.layers = keep
 
