@@ -38,16 +38,18 @@ def meta_model(hf_cfg, lora=None, attn: str = "sdpa", layers: int | None = None)
         cfg.num_hidden_layers = layers
     if getattr(cfg, "model_type", "") not in ENCODER_ONLY:
         cfg.is_causal = False
-    with torch.device("meta"):
-        model = AutoModel.from_config(cfg, attn_implementation=attn)
-    if lora is not None and lora.enabled:
-        from peft import LoraConfig, get_peft_model
+    # planning must not move the training RNG (the engine plans after seeding; weight init draws from it)
+    with torch.random.fork_rng(devices=[]):
+        with torch.device("meta"):
+            model = AutoModel.from_config(cfg, attn_implementation=attn)
+        if lora is not None and lora.enabled:
+            from peft import LoraConfig, get_peft_model
 
-        from llm2clip.text.encoder import default_lora_targets
+            from llm2clip.text.encoder import default_lora_targets
 
-        targets = default_lora_targets(model, lora.target_modules)
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 bias="none", target_modules=targets))
+            targets = default_lora_targets(model, lora.target_modules)
+            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     bias="none", target_modules=targets))
     return model
 
 
@@ -105,6 +107,7 @@ def trace_activations(hf_cfg, lora=None, dtype: torch.dtype = torch.bfloat16) ->
     at widths 32 and 64 (eager attention, so the probabilities show up as the quadratic term)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # meta parameters (and so activations) in the compute dtype
+    rng = torch.get_rng_state()  # the traces run in train mode (LoRA dropout): leave the training RNG as found
     try:
         s = {}
         for L in (1, 2):
@@ -115,6 +118,7 @@ def trace_activations(hf_cfg, lora=None, dtype: torch.dtype = torch.bfloat16) ->
                 s[L, W] = _saved_bytes(m, W, dtype)
     finally:
         torch.set_default_dtype(old)
+        torch.set_rng_state(rng)
     # bytes(L, W) = L (a W + q W^2) + c W; solve from the four traces
     per_layer = {W: s[2, W] - s[1, W] for W in (32, 64)}
     fixed = {W: s[1, W] - per_layer[W] for W in (32, 64)}

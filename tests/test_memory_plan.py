@@ -202,3 +202,21 @@ def test_log_plan_warns_when_it_does_not_fit(caplog):
         log_plan(plan, log)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "fits: 2.0 GiB of 80 GiB" in caplog.text
+
+
+def test_planning_leaves_the_training_rng_alone():
+    """The engine logs the plan after seeding: a plan that drew from the RNG (LoRA init, dropout in the
+    traces) would change the run's dropout masks, so a logged plan would change the losses."""
+    from transformers import LlamaConfig
+
+    from llm2clip.memory_trace import meta_model, trace_activations
+    from llm2clip.schema import LoraConfig as LoraCfg
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    meta_model(cfg, LoraCfg())
+    trace_activations(cfg, LoraCfg(), torch.float32)
+    assert torch.equal(torch.rand(3), want)
