@@ -285,26 +285,29 @@ def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0, llm_dim: int | None 
     return plan
 
 
-def resolve_strategy(cfg, world: int, gpu_mem_gib: float) -> tuple[int, str]:
-    """(ZeRO stage, why) for stage 1's train.strategy: zero3 -> 3; replicated -> the DeepSpeed file's 1 or 2
-    (else 2); auto -> an explicit train.zero_stage if given, else replicated when its plan fits the device."""
+def resolve_strategy(cfg, world: int, gpu_mem_gib: float) -> tuple[int, str, MemoryPlan | None]:
+    """(ZeRO stage, why, plan) for stage 1's train.strategy: zero3 -> 3; replicated -> the DeepSpeed file's
+    1 or 2 (else 2); auto -> an explicit train.zero_stage if given, else replicated when its plan fits the
+    device. `plan`: the replicated plan auto computed (None otherwise), which is the run's own plan when
+    replicated is chosen, so the caller need not compute it again."""
     import dataclasses
 
     _, file_stage = _ds(dataclasses.replace(cfg.train, zero_stage=None))
     rep = file_stage if file_stage in (1, 2) else 2
     s = cfg.train.strategy
     if s == "zero3":
-        return 3, "train.strategy=zero3: the frozen base partitioned over the ranks"
+        return 3, "train.strategy=zero3: the frozen base partitioned over the ranks", None
     if s == "replicated":
-        return rep, f"train.strategy=replicated: the frozen base whole on every rank, LoRA under ZeRO-{rep}"
+        return rep, f"train.strategy=replicated: the frozen base whole on every rank, LoRA under ZeRO-{rep}", None
     if cfg.train.zero_stage is not None:
-        return cfg.train.zero_stage, f"train.strategy=auto keeps the explicit train.zero_stage={cfg.train.zero_stage}"
+        return (cfg.train.zero_stage, f"train.strategy=auto keeps the explicit train.zero_stage={cfg.train.zero_stage}",
+                None)
     plan = plan_stage1(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=rep)), world,
                        gpu_mem_gib)
     need = f"{plan.total / GiB:.1f} GiB of {gpu_mem_gib:.0f} GiB"
     if plan.fits:
-        return rep, f"train.strategy=auto: replicated base fits ({need} per device by the memory plan)"
-    return 3, f"train.strategy=auto: replicated base would not fit ({need} per device), so ZeRO-3"
+        return rep, f"train.strategy=auto: replicated base fits ({need} per device by the memory plan)", plan
+    return 3, f"train.strategy=auto: replicated base would not fit ({need} per device), so ZeRO-3", None
 
 
 def detect_task(raw: dict) -> str:

@@ -51,8 +51,12 @@ class Stage1Task:
         """train.strategy -> train.zero_stage, decided on rank 0 (from the memory plan) for every rank."""
         from llm2clip.memory_plan import device_memory_gib, resolve_strategy
 
-        got = resolve_strategy(self.cfg, self.world, device_memory_gib()) if self.rank == 0 else None
-        stage, why = D.broadcast_object(got)
+        self._plan = None  # rank 0: (world, GiB, plan) when auto's plan is this run's plan (see memory_plan)
+        if self.rank == 0:
+            mem = device_memory_gib()
+            stage, why, plan = resolve_strategy(self.cfg, self.world, mem)
+            self._plan = (self.world, mem, plan) if plan is not None else None
+        stage, why = D.broadcast_object((stage, why) if self.rank == 0 else None)
         self.cfg.train.zero_stage = stage
         log.info(f"ZeRO-{stage}: {why}")
 
@@ -102,6 +106,8 @@ class Stage1Task:
     def memory_plan(self, world: int, gpu_mem_gib: float):  # logged by the engine before the model loads
         from llm2clip.memory_plan import plan_stage1
 
+        if self._plan is not None and self._plan[:2] == (world, gpu_mem_gib):
+            return self._plan[2]  # train.strategy=auto already planned this very config (replicated)
         return plan_stage1(self.cfg, world, gpu_mem_gib)
 
     def param_groups(self, module: nn.Module) -> list[dict]:
