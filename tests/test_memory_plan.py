@@ -34,9 +34,10 @@ def _tiny_llama(path, **kw):
     return path
 
 
-def _check_alloc_lines(out: str, stages: set[int]) -> None:
+def _check_alloc_lines(out: str, stages: set[int], nproc: int) -> None:
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert {r["stage"] for r in rows} == stages, out[-2000:]
+    assert len(rows) == len(stages) * nproc, out[-2000:]  # every rank reports every stage
     for r in rows:
         assert r["measured"] == r["planned"], r
         assert r["meta_counts"][1] == r["real_counts"][1]  # trainable (LoRA) counted on the meta device
@@ -47,7 +48,7 @@ def test_engine_allocation_equals_plan_one_process(tmp_path):
     p = subprocess.run([sys.executable, ALLOC, str(model), "0", "2", "3"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
-    _check_alloc_lines(p.stdout, {0, 2, 3})
+    _check_alloc_lines(p.stdout, {0, 2, 3}, 1)
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_engine_allocation_equals_plan_two_processes(tmp_path):
     ZeRO-2 flat partition, byte for byte."""
     model = _tiny_llama(tmp_path / "m")
     p = torchrun(ALLOC, [str(model), "0", "1", "2", "3"], timeout=400)
-    _check_alloc_lines(p.stdout, {0, 1, 2, 3})
+    _check_alloc_lines(p.stdout, {0, 1, 2, 3}, 2)
 
 
 def test_llama_3_2_1b_shape_counts(tmp_path):

@@ -73,5 +73,13 @@ def measure(stage: int, model_dir: str) -> dict:
 
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
+    import torch.distributed as dist
+
     for st in sys.argv[2:]:
-        print(json.dumps(measure(int(st), sys.argv[1])), flush=True)
+        row = measure(int(st), sys.argv[1])
+        # Rank 0 prints every rank's row: two ranks printing to one pipe can interleave lines (seen in CI).
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            for r, x in enumerate(rows):
+                print(json.dumps({**x, "rank": r}), flush=True)
