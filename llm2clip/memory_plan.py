@@ -183,6 +183,15 @@ def _activation_components(plan: MemoryPlan, hf_cfg, act: Activations, tokens: i
         plan.add("attention mask", rows * width * width * pbytes, "packed rows' block-diagonal mask")
 
 
+def _gradcache_components(plan: MemoryPlan, emb_bytes: int, counts: ParamCounts, stage: int, pbytes: int) -> None:
+    """What GradCache keeps besides one chunk's graph (llm2clip/gradcache.py): the whole micro-batch's
+    embeddings from the no-grad pass and their gradients; under ZeRO 0-2 also the early chunks' summed
+    parameter gradients (a full copy of the trainable gradients; ZeRO-3 accumulates in its partitions)."""
+    plan.add("gradcache embeddings", 2 * emb_bytes, "micro-batch embeddings and their gradients")
+    if stage < 3:
+        plan.add("gradcache gradient sum", counts.n_trainable * pbytes, "early chunks' trainable gradients")
+
+
 def plan_stage1(cfg, world: int, gpu_mem_gib: float = 80.0, tokens_per_caption: int | None = None) -> MemoryPlan:
     """tokens_per_caption: mean caption length in tokens (instruction and template included); default
     text.max_length, the worst case (packing removes padding, so shorter captions cost less)."""
@@ -194,22 +203,28 @@ def plan_stage1(cfg, world: int, gpu_mem_gib: float = 80.0, tokens_per_caption: 
     model = meta_model(hf_cfg, cfg.lora)
     counts = count_params(model)
     layers = int(hf_cfg.num_hidden_layers)
-    n_capt = cfg.train.micro_batch_size * (3 if cfg.data.hard_negatives else 2)
+    per_example = 3 if cfg.data.hard_negatives else 2
+    n_capt = cfg.train.micro_batch_size * per_example
+    chunk = cfg.train.contrastive_chunk
+    rows = (chunk or cfg.train.micro_batch_size) * per_example  # captions in one graph (GradCache: a chunk's)
     width = cfg.text.max_length
-    tokens = n_capt * min(width, tokens_per_caption or width)
+    tokens = rows * min(width, tokens_per_caption or width)
     # auto = flash-attn on the GPU the plan is for (its varlen route needs no mask); SDPA's fused kernels
     # keep no probabilities either, but the packed rows' mask
     attn = {"auto": "flash", "flash_attention_2": "flash"}.get(cfg.text.attn_implementation,
                                                                cfg.text.attn_implementation)
     plan = MemoryPlan("stage1", world, gpu_mem_gib,
                       info={"model": Path(cfg.text.model_path).name, "zero": stage, "precision": prec,
-                            "micro_batch": cfg.train.micro_batch_size, "max_length": width,
+                            "micro_batch": cfg.train.micro_batch_size, "contrastive_chunk": chunk,
+                            "max_length": width,
                             "grad_ckpt": cfg.text.gradient_checkpointing, "lora_r": cfg.lora.r if cfg.lora.enabled else 0,
                             "params": f"{counts.n_frozen:,} frozen + {counts.n_trainable:,} trainable"})
     plan.components += zero_state(counts, stage, world, pbytes, ds)
     act = trace_activations(hf_cfg, cfg.lora, dtype)
-    _activation_components(plan, hf_cfg, act, tokens, n_capt, width, layers, cfg.text.gradient_checkpointing,
+    _activation_components(plan, hf_cfg, act, tokens, rows, width, layers, cfg.text.gradient_checkpointing,
                            attn, pbytes)
+    if chunk:
+        _gradcache_components(plan, n_capt * int(hf_cfg.hidden_size) * pbytes, counts, stage, pbytes)
     g = n_capt * world
     n_local = cfg.train.micro_batch_size
     # gathered embeddings (fp32) + logits of the local queries against every document, and their softmax
@@ -261,11 +276,13 @@ def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0, llm_dim: int | None 
     tr.append(int(getattr(vcfg, "hidden_size", 1024)) * cfg.model.embed_dim)  # visual_proj
     counts = ParamCounts([], tr)
     B = cfg.train.micro_batch_size
+    chunk = cfg.train.contrastive_chunk
     img = cfg.vision.image_size or int(getattr(vcfg, "image_size", 224))
     patch = int(getattr(vcfg, "patch_size", 14))
-    tokens = B * ((img // patch) ** 2 + 1)
+    tokens = (chunk or B) * ((img // patch) ** 2 + 1)  # patch tokens in one graph (GradCache: a chunk's)
     plan = MemoryPlan("stage2", world, gpu_mem_gib, info={"tower": Path(cfg.vision.path).name, "zero": stage,
-                                                           "precision": prec, "micro_batch": B, "image": img,
+                                                           "precision": prec, "micro_batch": B,
+                                                           "contrastive_chunk": chunk, "image": img,
                                                            "llm_dim": llm_dim,
                                                            "params": f"{n_tower:,} tower + adapter"})
     plan.components += zero_state(counts, stage, world, pbytes, ds)
@@ -279,6 +296,8 @@ def plan_stage2(cfg, world: int, gpu_mem_gib: float = 80.0, llm_dim: int | None 
     full = L * per * tokens
     plan.add("activations", (L * h * pbytes * tokens + per * tokens) if ck else full,
              f"{tokens:,} patch tokens; without checkpointing {full / GiB:.2f} GiB")
+    if chunk:  # image and text embeddings
+        _gradcache_components(plan, 2 * B * cfg.model.embed_dim * pbytes, counts, stage, pbytes)
     g = B * world
     plan.add("contrastive logits", 2 * g * cfg.model.embed_dim * 4 + 3 * B * g * 4, f"{B} x {g} logits")
     plan.components.append(zero_buckets(stage, pbytes, ds, 0))
@@ -332,7 +351,15 @@ def plan_from_config(path: str, world: int, gpu_mem_gib: float = 80.0, task: str
     if task == "stage1":
         from llm2clip.schema import Stage1Config
 
-        return plan_stage1(load_config(Stage1Config, path, overrides), world, gpu_mem_gib, tokens_per_caption)
+        cfg = load_config(Stage1Config, path, overrides)
+        # the ZeRO stage the run will use: train.strategy decides it as Stage1Task does (not the DeepSpeed
+        # file alone); auto's own plan is reused unless a caption length was given
+        stage, why, plan = resolve_strategy(cfg, world, gpu_mem_gib)
+        if plan is None or tokens_per_caption:
+            cfg.train.zero_stage = stage
+            plan = plan_stage1(cfg, world, gpu_mem_gib, tokens_per_caption)
+        plan.info["strategy"] = why
+        return plan
     if task == "embed":
         from llm2clip.schema_embed import EmbedConfig
 

@@ -1,5 +1,6 @@
 """GradCache (train.contrastive_chunk): the chunked loss and gradients equal the one-pass ones; dropout masks
-are replayed; end to end (2 processes, ZeRO-2) the logged loss and gradient norm match chunk 0 = off."""
+are replayed; end to end (2 processes, ZeRO-2 and ZeRO-3) the logged loss and gradient norm match chunk 0 =
+off."""
 import pytest
 import torch
 from torch import nn
@@ -96,35 +97,43 @@ def _same(a, b):
 
 @pytest.mark.slow
 def test_stage1_lora_chunked_two_process(tiny_world, tmp_path):
-    """2 ranks, LoRA under ZeRO-2 (train.strategy=replicated), fp32: chunks of 4 give the one-pass loss and
-    gradient norm at every step (the negatives span both ranks' chunks), with gradient checkpointing too."""
+    """2 ranks, LoRA, fp32: chunks of 4 give the one-pass loss and gradient norm at every step (the negatives
+    span both ranks' chunks): under ZeRO-2 (train.strategy=replicated) with and without gradient checkpointing
+    (non-reentrant when chunked), and under ZeRO-3 (train.strategy=zero3, per-chunk engine.backward) with
+    reentrant checkpointing, as an 8B run would use it."""
     common = ["--set", "train.max_steps=2", "--set", "train.eval_every=0", "--set", "train.save_every=0",
               "--set", "data.val_path=", "--set", "train.micro_batch_size=8", "--set", "train.precision=fp32",
-              "--set", "lora.dropout=0.0", "--set", "train.strategy=replicated"]
+              "--set", "lora.dropout=0.0"]
     runs = {}
-    for chunk, ckpt in ((0, "false"), (4, "false"), (4, "true")):  # checkpointing: non-reentrant when chunked
-        out = tmp_path / f"c{chunk}{ckpt}"
-        torchrun(TRAIN1, stage1_args(tiny_world, out, *common, "--set", f"train.contrastive_chunk={chunk}",
+    for strategy, chunk, ckpt in (("replicated", 0, "false"), ("replicated", 4, "false"),
+                                  ("replicated", 4, "true"), ("zero3", 0, "false"), ("zero3", 4, "true")):
+        out = tmp_path / f"{strategy}{chunk}{ckpt}"
+        torchrun(TRAIN1, stage1_args(tiny_world, out, *common, "--set", f"train.strategy={strategy}",
+                                     "--set", f"train.contrastive_chunk={chunk}",
                                      "--set", f"text.gradient_checkpointing={ckpt}"), timeout=300)
-        runs[chunk, ckpt] = _steps(out)
-    _same(runs[0, "false"], runs[4, "false"])
-    _same(runs[0, "false"], runs[4, "true"])
+        runs[strategy, chunk, ckpt] = _steps(out)
+    _same(runs["replicated", 0, "false"], runs["replicated", 4, "false"])
+    _same(runs["replicated", 0, "false"], runs["replicated", 4, "true"])
+    _same(runs["zero3", 0, "false"], runs["zero3", 4, "true"])
 
 
 @pytest.mark.slow
 def test_stage2_tower_adapter_chunked_two_process(tiny_world, embedded, tmp_path):  # noqa: F811
-    """2 ranks, tower + adapter, fp32: chunks of 4 give the one-pass loss and gradient norm. With adapter
+    """2 ranks, tower + adapter, fp32: chunks of 4 give the one-pass loss and gradient norm, under ZeRO-1 and
+    ZeRO-3. With adapter
     dropout on, one chunk of the whole micro-batch must too: its re-run draws the first pass's masks, which
     are the one-pass masks (without the RNG replay the re-run's gradient would belong to other masks)."""
     common = ["--set", "train.max_steps=2", "--set", "train.eval_every=0", "--set", "train.save_every=0",
               "--set", "data.val_shards=", "--set", "train.micro_batch_size=8", "--set", "train.precision=fp32",
               "--set", "data.num_workers=0"]
     runs = {}
-    for drop, chunk in ((0.0, 0), (0.0, 4), (0.2, 0), (0.2, 8)):
-        out = tmp_path / f"d{drop}c{chunk}"
+    for drop, chunk, zero in ((0.0, 0, 1), (0.0, 4, 1), (0.2, 0, 1), (0.2, 8, 1), (0.0, 0, 3), (0.0, 4, 3)):
+        out = tmp_path / f"d{drop}c{chunk}z{zero}"
         torchrun(TRAIN2, stage2_args(tiny_world, embedded, out, *common, "--set", f"model.adapter_dropout={drop}",
-                                     "--set", f"train.contrastive_chunk={chunk}"), timeout=300)
-        runs[drop, chunk] = _steps(out)
-    _same(runs[0.0, 0], runs[0.0, 4])
-    _same(runs[0.2, 0], runs[0.2, 8])
-    assert runs[0.2, 0] != runs[0.0, 0]  # the dropout is on
+                                     "--set", f"train.contrastive_chunk={chunk}", "--set", f"train.zero_stage={zero}"),
+                 timeout=300)
+        runs[drop, chunk, zero] = _steps(out)
+    _same(runs[0.0, 0, 1], runs[0.0, 4, 1])
+    _same(runs[0.2, 0, 1], runs[0.2, 8, 1])
+    _same(runs[0.0, 0, 3], runs[0.0, 4, 3])
+    assert runs[0.2, 0, 1] != runs[0.0, 0, 1]  # the dropout is on

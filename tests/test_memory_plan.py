@@ -221,3 +221,22 @@ def test_planning_leaves_the_training_rng_alone():
     meta_model(cfg, LoraCfg())
     trace_activations(cfg, LoraCfg(), torch.float32)
     assert torch.equal(torch.rand(3), want)
+
+
+def test_contrastive_chunk_plans_one_chunks_activations(tmp_path):
+    """GradCache keeps one chunk's graph: micro-batch 8 in chunks of 2 plans the activations of micro-batch 2,
+    plus the micro-batch's cached embeddings (and, under ZeRO 0-2, the early chunks' gradient sum)."""
+    from llm2clip.memory_plan import plan_from_config
+
+    cfgp = _stage1_yaml(tmp_path, _tiny_llama(tmp_path / "m"))
+    plans = {(mb, c, z): plan_from_config(str(cfgp), 2, overrides=[f"train.micro_batch_size={mb}",
+                                                                   f"train.contrastive_chunk={c}",
+                                                                   f"train.strategy={z}"])
+             for mb, c, z in ((8, 0, "zero3"), (2, 0, "zero3"), (8, 2, "zero3"), (8, 2, "replicated"))}
+    act = {k: p.get("activations") for k, p in plans.items()}
+    assert act[8, 2, "zero3"] == act[2, 0, "zero3"] == act[8, 0, "zero3"] // 4
+    z3, rep = plans[8, 2, "zero3"], plans[8, 2, "replicated"]
+    assert z3.get("gradcache embeddings") == 2 * 8 * 3 * 64 * 2  # 8 x (query, positive, hard negative), bf16
+    assert "gradcache gradient sum" not in {c.name for c in z3.components}
+    assert rep.get("gradcache gradient sum") == rep.get("trainable params")  # one bf16 copy of the LoRA
+    assert z3.info["contrastive_chunk"] == 2

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llm2clip import distributed as D
-from llm2clip.config import ConfigError, atomic_write_text
+from llm2clip.config import atomic_write_text
 from llm2clip.data.pairs import PairStream, load_caption_pairs
 from llm2clip.data.streams import check_topology
 from llm2clip.engine import build_ds_config, ensure_deepspeed_comm, read_ds_json, resolve_precision, run_training
@@ -38,10 +38,6 @@ class Stage1Task:
         self.world, self.rank = D.get_world_size(), D.get_rank()
         self._resolve_strategy()
         self.zero = zero_stage(cfg)
-        if cfg.train.contrastive_chunk and self.zero == 3:
-            raise ConfigError(f"train.contrastive_chunk={cfg.train.contrastive_chunk} needs the LoRA parameters "
-                              "whole on every rank, not ZeRO-3: set train.strategy=replicated (or "
-                              "train.contrastive_chunk=0)")
         self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
         self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
             if cfg.data.val_path else None
@@ -90,9 +86,9 @@ class Stage1Task:
         if cfg.text.gradient_checkpointing:
             # Reentrant checkpointing: the non-reentrant default breaks with PEFT + ZeRO-3
             # (transformers #47254); reentrant needs inputs that require grad.
-            # GradCache's re-run differentiates with torch.autograd.grad, which reentrant checkpointing refuses
-            # (chunking is ZeRO-1/2 only, where the non-reentrant form works)
-            reentrant = not cfg.train.contrastive_chunk
+            # GradCache's re-run under ZeRO-0/2 differentiates with torch.autograd.grad, which reentrant
+            # checkpointing refuses (there the non-reentrant form works); under ZeRO-3 it uses engine.backward
+            reentrant = not cfg.train.contrastive_chunk or self.zero == 3
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             if cfg.lora.enabled:
                 backbone.enable_input_require_grads()

@@ -216,9 +216,6 @@ class Stage2Task:
         if chunk:  # GradCache: exact global-batch loss and gradients, one chunk's activations at a time
             from llm2clip.gradcache import chunked_loss
 
-            if engine.zero_optimization_stage() == 3:
-                raise ConfigError("train.contrastive_chunk needs ZeRO stage 0-2 (its parameters whole on every "
-                                  "rank); set train.zero_stage=1 or train.contrastive_chunk=0")
             out = []
 
             def loss_of(per):  # per chunk (image, text, scale[, bias]); the scale and bias are chunk 0's
