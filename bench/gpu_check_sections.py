@@ -119,7 +119,9 @@ def _stage1_config(ctx: Ctx, zero: int, micro_batch: int):
     return _cfg(ctx, Stage1Config, "stage1", [
         f"run.output_dir={ctx.work / f'stage1_z{zero}'}", "run.tensorboard=false", "run.progress_bar=false",
         f"text.model_path={ctx.llm_folder()}", "text.gradient_checkpointing=true", f"data.sources={src}",
-        "data.val_path=", f"train.micro_batch_size={micro_batch}", f"train.zero_stage={zero}",
+        # data.prefetch=0: the packing switch between variants changes how batches are tokenised, so they
+        # are made on demand rather than a few ahead with the previous variant's packing
+        "data.val_path=", "data.prefetch=0", f"train.micro_batch_size={micro_batch}", f"train.zero_stage={zero}",
         "train.eval_every=0", "train.save_every=0", "optim.warmup_steps=0", f"train.precision={ctx.precision}"])
 
 

@@ -166,6 +166,9 @@ class Stage1DataConfig:
     # Caption records per shuffle block of each rank, read interleaved from 4 open shards and emitted in a seeded
     # order; hard negatives come from the same block (other shards too). Memory: the captions of this many samples.
     shuffle_buffer: int = 1000
+    # micro-batches read, tokenised and packed ahead of the step in a background thread (overlapping it);
+    # 0 = in the training thread
+    prefetch: int = 2
     val_path: str = ""  # held-out image shards for CRA
     # CRA: query, answer, then further captions that join the gallery (list every caption for the paper's protocol)
     val_fields: list[str] = field(default_factory=lambda: ["txt", "json:short_alt"])
@@ -176,6 +179,8 @@ class Stage1DataConfig:
             raise ConfigError("data.sources must list at least one caption source")
         if self.shuffle_buffer < 1:
             raise ConfigError("data.shuffle_buffer must be >= 1 (1 = no sample shuffling)")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch={self.prefetch} must be >= 0 (micro-batches prepared ahead; 0 = none)")
 
 
 @dataclass

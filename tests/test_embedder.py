@@ -155,7 +155,10 @@ def test_stage1_step_packed_equals_padded(tiny_world, impl):
             def __call__(self, *a):
                 return task.encoder(*a)
 
-        loss, _, n_tokens = task.loss(Engine(), (exs, True))
+        task._prefetch = None
+        task.stream = type("OneBatch", (), {"next_batch": lambda self: (exs, True), "state_dict": lambda self: {},
+                                            "skipped": 0})()
+        loss, _, n_tokens = task.loss(Engine(), task._next_batch())
         loss.backward()
         grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
         tb, _ = task.embedder.train_batch([t for e in exs for t in (e.query, e.positive, e.negative)], "")
@@ -235,8 +238,8 @@ def test_stage1_empty_captions_error_or_skip():
     with pytest.raises(EmptyCaptionError, match=r"example 1 positive ' '"):
         task._non_empty(exs, True)
     task.cfg.text.empty_captions = "skip"
-    assert task._non_empty(exs[::2], False) == exs[::2]  # no negatives used: a None negative is fine
-    assert task._non_empty(exs[:2], True) == exs[:1] and task.empty_skipped == 1
+    assert task._non_empty(exs[::2], False) == (exs[::2], 0)  # no negatives used: a None negative is fine
+    assert task._non_empty(exs[:2], True) == (exs[:1], 1)
 
 
 def test_attention_backends_agree_cpu(tiny_world):

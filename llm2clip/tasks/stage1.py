@@ -1,9 +1,11 @@
 """Stage 1: caption-contrastive LoRA fine-tuning of an LLM (bidirectional, mean-pooled) under DeepSpeed."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +26,20 @@ from llm2clip.text.tokenize import check_captions
 log = logging.getLogger("llm2clip")
 
 
+@dataclass
+class Stage1Batch:
+    """One micro-batch as the prefetch thread hands it to the step. chunks: {first example index:
+    (TextBatch, inverse order)} per GradCache chunk (one entry, key 0, without chunking); ids: the
+    identical-caption ids (CPU); state / skipped: the stream's resume state and skipped count after it."""
+    examples: list
+    use_neg: bool
+    chunks: dict
+    ids: dict
+    n_empty: int
+    state: dict
+    skipped: int
+
+
 def zero_stage(cfg: Stage1Config) -> int:
     ds = read_ds_json(cfg.train.deepspeed_config)
     return cfg.train.zero_stage if cfg.train.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)
@@ -41,7 +57,8 @@ class Stage1Task:
         self.stream = PairStream(cfg.data, cfg.train.micro_batch_size, cfg.run.seed, self.rank, self.world)
         self.val = load_caption_pairs(cfg.data.val_path, cfg.data.val_fields, cfg.data.val_max_samples) \
             if cfg.data.val_path else None
-        self.empty_skipped = 0  # examples left out for an empty caption (text.empty_captions=skip)
+        self.empty_skipped = 0  # examples left out for an empty caption (text.empty_captions=skip), consumed batches
+        self._prefetch = None  # the batch producer (llm2clip/data/prefetch.py), once batches() runs
 
     def _resolve_strategy(self) -> None:
         """train.strategy -> train.zero_stage, decided on rank 0 (from the memory plan) for every rank."""
@@ -113,28 +130,66 @@ class Stage1Task:
         return [{"params": params, "weight_decay": self.cfg.optim.weight_decay}]
 
     # --- data ----------------------------------------------------------------------------------
-    def batch_keys(self, batch) -> list[str]:  # named by the engine when a step is non-finite
-        return [e.key for e in batch[0]]
+    def batch_keys(self, batch: "Stage1Batch") -> list[str]:  # named by the engine when a step is non-finite
+        return [e.key for e in batch.examples]
 
     def batches(self, data_state: dict | None) -> Iterator[Any]:
+        """Micro-batches read, filtered, tokenised and packed `data.prefetch` ahead in a thread (the stream
+        runs in order, so the batches are those of the inline loop); `data_state()` is the stream's state
+        after the last batch handed to the trainer, not after the prefetched ones."""
         # rank 0's saved topology decides for all ranks (a rank added since the checkpoint has no state)
         saved = D.broadcast_object(data_state if self.rank == 0 else None)
         if check_topology(saved, self.world, 1, self.cfg.run.reset_data_position) and data_state:
             self.stream.load_state_dict(data_state)
-        return iter(self.stream)
+        self._state, self._skipped = self.stream.state_dict(), self.stream.skipped
+        from llm2clip.data.prefetch import Prefetcher
+
+        self._prefetch = Prefetcher(self._next_batch, self.cfg.data.prefetch, name="stage1-batches")
+
+        def consumed():
+            for b in self._prefetch:
+                self._state, self._skipped = b.state, b.skipped
+                self.empty_skipped += b.n_empty
+                yield b
+        return consumed()
 
     def data_state(self) -> dict:
-        return self.stream.state_dict()
+        return self._state if self._prefetch is not None else self.stream.state_dict()
 
-    # --- step ----------------------------------------------------------------------------------
-    def loss(self, engine, batch) -> tuple[torch.Tensor, dict, int]:
-        examples, use_neg = batch
-        examples = self._non_empty(examples, use_neg)
+    def loader_cpu_s(self) -> float:  # the engine logs its rate (perf/loader_*): the prefetch thread's CPU
+        return self._prefetch.cpu_s if self._prefetch is not None else 0.0
+
+    def _next_batch(self) -> "Stage1Batch":
+        """The stream's next micro-batch, made ready for the step on the host (runs in the prefetch thread):
+        empty captions handled, one tokenizer call per chunk (the whole micro-batch unless
+        train.contrastive_chunk), packed rows, the identical-caption ids."""
+        examples, use_neg = self.stream.next_batch()
+        examples, n_empty = self._non_empty(examples, use_neg)
         n = len(examples)
+        chunk = self.cfg.train.contrastive_chunk or n
         ids = {}
         if self.cfg.loss.mask_identical:
-            ids = {"p_ids": text_ids([e.positive for e in examples], engine.device),
-                   "n_ids": text_ids([e.negative for e in examples], engine.device) if use_neg else None}
+            ids = {"p_ids": text_ids([e.positive for e in examples]),
+                   "n_ids": text_ids([e.negative for e in examples]) if use_neg else None}
+        chunks = {i: self._tokenize(examples[i:i + chunk], use_neg) for i in range(0, n, chunk)}
+        # a snapshot: the stream moves on while this batch waits in the queue
+        state = copy.deepcopy(self.stream.state_dict())
+        return Stage1Batch(examples, use_neg, chunks, ids, n_empty, state, self.stream.skipped)
+
+    def _tokenize(self, examples: list, use_neg: bool) -> tuple:
+        """Examples -> (TextBatch of packed rows, inverse order): queries, positives[, negatives]."""
+        d = self.cfg.data
+        docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
+        texts = [e.query for e in examples] + docs
+        # each source's own query instruction (one per E5 dataset, as llm2vec), else the default
+        instr = [d.query_instruction if e.instruction is None else e.instruction for e in examples] \
+            + [d.doc_instruction] * len(docs)
+        return self.embedder.train_batch(texts, instr)  # packed rows: no pad tokens to speak of
+
+    # --- step ----------------------------------------------------------------------------------
+    def loss(self, engine, batch: "Stage1Batch") -> tuple[torch.Tensor, dict, int]:
+        n, use_neg, dev = len(batch.examples), batch.use_neg, engine.device
+        ids = {k: None if v is None else v.to(dev) for k, v in batch.ids.items()}
 
         def loss_of(embs) -> tuple[torch.Tensor, dict]:  # embs: (q, p[, neg]), each [n, H]
             return infonce_loss(embs[0], embs[1], embs[2] if use_neg else None, self.cfg.loss.temperature, **ids)
@@ -143,54 +198,41 @@ class Stage1Task:
         if chunk:  # GradCache: exact global-batch loss and gradients, one chunk's activations at a time
             from llm2clip.gradcache import chunked_loss
 
-            tokens: dict[int, int] = {}
-
-            def embed(i: int, j: int, forward):
-                out, tokens[i] = self._embed(forward, engine.device, examples[i:j], use_neg)
-                return out
-
-            loss, m = chunked_loss(engine, n, chunk, embed,
+            loss, m = chunked_loss(engine, n, chunk, lambda i, j, fwd: self._embed(fwd, dev, batch.chunks[i], j - i,
+                                                                                   use_neg),
                                    lambda per: loss_of([torch.cat(x) for x in zip(*per)]))
-            n_tokens = sum(tokens.values())
         else:
-            embs, n_tokens = self._embed(engine, engine.device, examples, use_neg)
-            loss, m = loss_of(embs)
+            loss, m = loss_of(self._embed(engine, dev, batch.chunks[0], n, use_neg))
         m["n_items"] = n
-        return loss, m, n_tokens
+        return loss, m, sum(tb.n_tokens for tb, _ in batch.chunks.values())
 
-    def _embed(self, forward, device, examples: list, use_neg: bool) -> tuple[tuple[torch.Tensor, ...], int]:
-        """Examples -> ((query [n, H], positive [n, H][, negative [n, H]]), tokens), one packed forward
-        through `forward` (the engine, or its bare module for GradCache's early chunks)."""
-        d = self.cfg.data
-        n = len(examples)
-        docs = [e.positive for e in examples] + ([e.negative for e in examples] if use_neg else [])
-        texts = [e.query for e in examples] + docs
-        # each source's own query instruction (one per E5 dataset, as llm2vec), else the default
-        instr = [d.query_instruction if e.instruction is None else e.instruction for e in examples] \
-            + [d.doc_instruction] * len(docs)
-        tb, inverse = self.embedder.train_batch(texts, instr)  # packed rows: no pad tokens to speak of
+    @staticmethod
+    def _embed(forward, device, tokenized: tuple, n: int, use_neg: bool) -> tuple[torch.Tensor, ...]:
+        """(query [n, H], positive [n, H][, negative [n, H]]) of n examples' packed rows, one forward through
+        `forward` (the engine, or its bare module for GradCache's early chunks)."""
+        tb, inverse = tokenized
         tb = tb.to(device)
         emb = forward(tb.input_ids, tb.attention_mask, tb.embed_mask, tb.seg_ids)[inverse.to(device)]
-        return tuple(emb[k * n:(k + 1) * n] for k in range(3 if use_neg else 2)), tb.n_tokens
+        return tuple(emb[k * n:(k + 1) * n] for k in range(3 if use_neg else 2))
 
-    def _non_empty(self, examples: list, use_neg: bool) -> list:
-        """Examples whose captions are all non-empty; an empty one raises naming it, or (text.empty_captions
-        =skip) its example is left out and counted."""
+    def _non_empty(self, examples: list, use_neg: bool) -> tuple[list, int]:
+        """(examples whose captions are all non-empty, how many were left out); an empty caption raises
+        naming it, or (text.empty_captions=skip) its example is left out."""
         texts = [t for e in examples for t in (e.query, e.positive, e.negative if use_neg else "x")]
         labels = [f"example {i} {k} {t!r}" for i, e in enumerate(examples)
                   for k, t in (("query", e.query), ("positive", e.positive), ("negative", e.negative))]
         keep = check_captions(texts, labels, self.cfg.text.empty_captions, "stage-1 batch")
         if len(keep) == len(texts):
-            return examples
+            return examples, 0
         kept = set(keep)
         ok = [i for i in range(len(examples)) if all(3 * i + j in kept for j in range(3))]
-        self.empty_skipped += len(examples) - len(ok)
         if not ok:
             raise ValueError("stage 1: every example of a micro-batch has an empty caption; check the data")
-        return [examples[i] for i in ok]
+        return [examples[i] for i in ok], len(examples) - len(ok)
 
     def counters(self) -> dict[str, float]:  # the engine sums these over ranks per log step
-        return {"data/skipped_samples": float(self.stream.skipped), "data/empty_captions": float(self.empty_skipped)}
+        skipped = self._skipped if self._prefetch is not None else self.stream.skipped
+        return {"data/skipped_samples": float(skipped), "data/empty_captions": float(self.empty_skipped)}
 
     def after_optimizer_step(self, module: nn.Module) -> None:
         pass

@@ -17,6 +17,7 @@ captions from attending to each other and restarts positions per caption.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -123,8 +124,16 @@ class PromptTokenizer:
         self.tail_ids = self._ids(self.tail)
         self._heads: dict[str, list[int]] = {}
 
+    # One call at a time: stage 1 tokenises its batches in a prefetch thread while CRA evaluation tokenises
+    # in the training thread, and a fast tokenizer shared by two threads can fail ("Already borrowed")
+    # when a call changes its padding/truncation settings. The Rust work itself still releases the GIL.
+    _lock = threading.Lock()
+
     def _ids(self, s: str) -> list[int]:
-        return self.tok(s, add_special_tokens=False)["input_ids"] if s else []
+        if not s:
+            return []
+        with self._lock:
+            return self.tok(s, add_special_tokens=False)["input_ids"]
 
     def _head_ids(self, instruction: str) -> list[int]:
         if instruction not in self._heads:
@@ -135,7 +144,10 @@ class PromptTokenizer:
         """[(ids, pool_mask)] per caption; the caption is truncated, never the template."""
         if isinstance(instructions, str):
             instructions = [instructions] * len(texts)
-        bodies = self.tok(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+        bodies = []
+        if len(texts):
+            with self._lock:
+                bodies = self.tok(list(texts), add_special_tokens=False)["input_ids"]
         pre, suf, tail = self.special_prefix, self.special_suffix, self.tail_ids
         tail_pool = 1 if self.pool_scope == "llm2vec" else 0
         sp = 1 if self.pool_special else 0
