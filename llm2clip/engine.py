@@ -24,7 +24,8 @@ from llm2clip.config import atomic_write_text, config_to_dict, save_config
 # the DeepSpeed JSON side lives in ds_config.py; re-exported here for the tasks
 from llm2clip.ds_config import (build_ds_config, ensure_deepspeed_comm, read_ds_json,  # noqa: F401
                                 resolve_ds_config_path, resolve_precision)
-from llm2clip.logger import MetricLogger, peak_memory_gib, progress, setup_logging
+from llm2clip.logger import (MetricLogger, loader_cpu_metrics, peak_memory_gib, progress, rank_cores,
+                             setup_logging)
 from llm2clip.schema import OptimConfig, RunConfig, TrainConfig
 
 class TrainTask(Protocol):
@@ -41,6 +42,10 @@ class TrainTask(Protocol):
     # Optional: this rank's cumulative counters ({"data/corrupt_images": 3, ...}, summed over its loader
     # workers); the engine sums them over ranks once per log step.
     # def counters(self) -> dict[str, float]: ...
+    # Optional: this rank's cumulative CPU seconds spent making batches outside the training thread (sum of
+    # its DataLoader workers' process CPU time, or a helper thread's own time.thread_time()); loading in the
+    # training thread counts 0 (it is in the step time and data_wait). Logged as perf/loader_* per window.
+    # def loader_cpu_s(self) -> float: ...
     # Optional: the sample keys of a batch, named when its loss is non-finite (default: batch["keys"]).
     # def batch_keys(self, batch) -> list[str]: ...
 
@@ -150,6 +155,7 @@ class Trainer:
         metrics = MetricLogger(str(self.out), self.run_cfg.tensorboard, resume_step=step)
         preempt = _PreemptFlag()
         batches = self.task.batches(data_state or None)
+        self._loader_window(step)
         summary: dict[str, Any] = {}
         if step == 0 and self.train_cfg.eval_every > 0:
             ev = self.task.evaluate(engine, 0)
@@ -188,7 +194,8 @@ class Trainer:
                        "perf/items_per_s": item_acc * D.get_world_size() / dt,
                        "perf/data_wait_frac": wait_acc / dt, "perf/peak_mem_gib": peak_memory_gib(),
                        "train/skipped_steps": self.skipped_steps,
-                       **{f"train/{k}": v for k, v in m.items()}, **self._counters()}
+                       **{f"train/{k}": v for k, v in m.items()}, **self._counters(),
+                       **self._loader_row(step, dt)}
                 metrics.log(step, row)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{row['train/lr']:.2e}")
                 t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
@@ -237,6 +244,27 @@ class Trainer:
         """The task's counters summed over ranks (collective: every rank calls it at the same step)."""
         fn = getattr(self.task, "counters", None)
         return D.sum_counters(fn()) if fn else {}
+
+    def _loader_window(self, step: int) -> None:
+        """Start the loader-CPU accounting (tasks with `loader_cpu_s`; collective: rank_cores gathers)."""
+        has = getattr(self.task, "loader_cpu_s", None) is not None
+        self._lw = {"cpu": float(self.task.loader_cpu_s()), "step": step, "cores": rank_cores(), "warned": 0.0,
+                    "windows": 0} if has else None
+
+    def _loader_row(self, step: int, dt: float) -> dict[str, float]:
+        """perf/loader_* of the log window ending at `step`. Rank 0 warns when the loader keeps more cores
+        busy than the rank can spare: not in the first window (worker start-up), then once, and again only
+        when it grows 1.25x over the last warning's figure."""
+        w = self._lw
+        if w is None:
+            return {}
+        cpu = float(self.task.loader_cpu_s())
+        row, msg = loader_cpu_metrics(cpu - w["cpu"], step - w["step"], dt, w["cores"], w["warned"])
+        w.update(cpu=cpu, step=step, windows=w["windows"] + 1)
+        if msg and w["windows"] > 1 and D.get_rank() == 0:
+            self.log.warning(f"step {step}: {msg}")
+            w["warned"] = row["perf/loader_cores"]
+        return row
 
     def _train_step(self, engine, batches, step: int):
         """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,53 @@ def peak_memory_gib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     except (ImportError, OSError):
         return 0.0
+
+
+def cores_per_rank(me: tuple[str, list[int]], everyone: list[tuple[str, list[int]]]) -> float:
+    """CPU cores a rank may use: its affinity mask's cores, split among the ranks on its host whose masks
+    overlap it (`me`, `everyone`: (host, cores) per rank). torchrun's ranks inherit one mask and share
+    it (the count is LOCAL_WORLD_SIZE); ranks that srun bound to their own --cpus-per-task cores have
+    them to themselves."""
+    mine = set(me[1])
+    sharing = sum(1 for host, cores in everyone if host == me[0] and mine & set(cores))
+    return len(mine) / max(1, sharing)
+
+
+def rank_cores() -> float:
+    """`cores_per_rank` of this rank (os.cpu_count() cores where there is no affinity mask). Collective:
+    one all_gather, every rank calls it once."""
+    try:
+        mask = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mask = list(range(os.cpu_count() or 1))
+    me = (socket.gethostname(), mask)
+    return cores_per_rank(me, D.all_gather_object(me))
+
+
+_MIN_SPARE = 0.1  # cores: a rank with one core is not warned about a trickle of loading
+_WORSE = 1.25  # warn again when the loader's cores grow this much over the last warning's figure
+
+
+def loader_cpu_metrics(cpu_s: float, steps: int, wall_s: float, cores: float,
+                       warned_cores: float = 0.0) -> tuple[dict[str, float], str | None]:
+    """perf/loader_* of one log window: `cpu_s` CPU seconds the task's loader spent outside the training
+    thread (the window's delta of `loader_cpu_s()`), over `steps` steps and `wall_s` seconds, on a rank
+    with `cores` cores (`rank_cores`). Returns the row and, when the loader keeps more cores busy than the
+    rank can spare (cores - 1: the training process needs one) and more than 1.25x `warned_cores` (the
+    figure of the last warning, 0 before any), a one-line warning."""
+    cpu_s = max(0.0, cpu_s)  # a restarted loader (fresh workers) starts its count again
+    per_step = cpu_s / max(1, steps)
+    busy = cpu_s / wall_s if wall_s > 0 else 0.0
+    row = {"perf/loader_cpu_s_per_step": per_step, "perf/loader_cores": busy,
+           "perf/loader_core_frac": busy / cores if cores > 0 else 0.0}
+    spare = max(cores - 1.0, _MIN_SPARE)
+    if busy <= spare or busy <= _WORSE * warned_cores:
+        return row, None
+    return row, (f"data loader is CPU-bound: its workers kept {busy:.2f} cores busy ({per_step:.3f} CPU s per "
+                 f"step) but this rank has {cores:g} cores and can spare {spare:g} (one runs training), so "
+                 "loading takes CPU from the step (perf/data_wait_frac does not show it); use fewer "
+                 "data.num_workers, smaller source images or pre-resized shards, or give each GPU more CPU "
+                 "cores")
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):

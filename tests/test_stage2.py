@@ -51,6 +51,8 @@ def test_two_process_stage2_lifts_retrieval(tiny_world, embedded, tmp_path):
     assert b["eval/i2t_R@5"] >= 15 and b["eval/t2i_R@5"] >= 15, b
     rows = [m for m in read_metrics(out) if "train/loss" in m]
     assert 0 <= rows[-1]["perf/data_wait_frac"] <= 1 and rows[-1]["perf/items_per_s"] > 0
+    # 2 loader workers per rank (data.num_workers default): their CPU shows up, not only the blocking wait
+    assert rows[-1]["perf/loader_cpu_s_per_step"] > 0 and rows[-1]["perf/loader_core_frac"] > 0
     assert all(r["train/logit_scale"] <= 100.0 + 1e-4 for r in rows)
     from llm2clip.model.clip_model import LLM2CLIPModel
     m = LLM2CLIPModel.from_pretrained(out / "export/model")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -108,7 +109,8 @@ _MAX_NAMED = 5  # skipped samples named in the log per reason and stream
 
 class Stage2Stream(torch.utils.data.IterableDataset):
     """Yields collated micro-batches: {"pixels" [B,3,H,W], "emb" [B,d] or "captions", "keys", "_worker",
-    "_state", "_stats"}."""
+    "_state", "_stats"}, and in a DataLoader worker "_loader_cpu": (worker id, that worker process's CPU
+    seconds so far, all its threads) for the task's `loader_cpu_s`."""
 
     def __init__(self, cfg: Stage2DataConfig, micro_batch: int, seed: int, rank: int, world: int,
                  image_size: int, mean, std, online: bool, start: dict | None = None,
@@ -195,6 +197,8 @@ class Stage2Stream(torch.utils.data.IterableDataset):
                 batch["captions"] = [t for _, _, t in items]
             else:
                 batch["emb"] = torch.from_numpy(np.stack([t for _, _, t in items]).astype(np.float32))
+            if wi is not None:  # a forked/spawned worker's CPU count starts at 0 with the worker
+                batch["_loader_cpu"] = (w, time.process_time())
             yield batch
 
     def _choose_field(self, key: str, epoch: int, available: list[str]) -> str | None:

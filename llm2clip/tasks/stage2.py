@@ -131,6 +131,7 @@ class Stage2Task:
             cfg.train.max_steps = steps
         self.states: dict[int, dict] = {}
         self.consumed = 0
+        self.worker_cpu: dict[int, float] = {}  # loader worker id -> its CPU seconds, as of its latest batch
         self.loss_fn = (ClipLoss(cfg.model.local_loss, cfg.model.gather_with_grad) if cfg.model.loss == "clip"
                         else SigLipLoss())
         self._val = None
@@ -177,10 +178,14 @@ class Stage2Task:
                           tower.mean, tower.std, self.online, start, self.sidecar_info.get("fingerprint"),
                           sizes=self.shard_sizes)
         loader = make_loader(ds, c.data.num_workers)
+        self.worker_cpu = {}
 
         def gen():
             for b in loader:
                 self.states[b["_worker"]] = b["_state"]
+                if "_loader_cpu" in b:
+                    w, cpu = b.pop("_loader_cpu")
+                    self.worker_cpu[w] = cpu
                 self.consumed += 1
                 yield b
         return gen()
@@ -200,6 +205,11 @@ class Stage2Task:
 
     def counters(self) -> dict[str, float]:  # the engine sums these over ranks per log step
         return self._data_counters()
+
+    def loader_cpu_s(self) -> float:
+        """CPU seconds this rank's loader workers spent so far (the engine's perf/loader_*), as of the batches
+        consumed; 0 with data.num_workers=0, where loading runs in the training thread."""
+        return float(sum(self.worker_cpu.values()))
 
     # --- step ----------------------------------------------------------------------------------
     def _text_emb(self, batch, device) -> torch.Tensor:
