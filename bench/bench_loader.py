@@ -169,6 +169,30 @@ def timed(loader, n_batches: int) -> tuple[float, object, float]:
     return dt, first, _cpu() - c0
 
 
+def matched_buffer(buffer: int, samples: int, workers: int) -> int:
+    """The bare loader's shuffle buffer: ours never lets a shuffle block span an epoch of its stream, so
+    webdataset's buffer gets the same fill (a worker's share of the data), else it reads several epochs
+    before its first sample."""
+    return min(buffer, samples // max(workers, 1))
+
+
+def loader_pair(root: Path, batch: int, workers: int, buffer: int, image_size: int, samples: int):
+    """(ours, bare, info): our loader and the bare pipeline over the shards and sidecars under `root` with the
+    same settings (the bare one takes crop scale and dense ratio from our config, the pixel dtype from our
+    first batch); each has produced one batch already (shapes checked equal)."""
+    shards = sorted(str(p) for p in (root / "data/train").glob("shard-*.tar"))
+    ours, cfg = our_loader(root, batch, workers, buffer, image_size)
+    _, probe, _ = timed(ours, 1)
+    uint8 = probe["pixels"].dtype.is_floating_point is False
+    bare_buffer = matched_buffer(buffer, samples, workers)
+    bare = bare_loader(shards, str(root / "emb"), batch, workers, bare_buffer, image_size,
+                       tuple(cfg.crop_scale), cfg.dense_ratio, uint8)
+    _, bprobe, _ = timed(bare, 1)
+    assert tuple(bprobe["pixels"].shape) == tuple(probe["pixels"].shape), (bprobe["pixels"].shape, probe["pixels"].shape)
+    return ours, bare, {"pixels": "uint8" if uint8 else "float32", "bare_buffer": bare_buffer,
+                        "dense_ratio": cfg.dense_ratio, "crop_scale": list(cfg.crop_scale)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=768, help="images per run (one epoch of the data: 800)")
@@ -182,18 +206,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     make_data(root, 800, 200, args.source_size, args.width)
-    shards = sorted(str(p) for p in (root / "data/train").glob("shard-*.tar"))
     n_batches = args.images // args.batch
-    ours, cfg = our_loader(root, args.batch, args.workers, args.buffer, args.image_size)
-    _, probe, _ = timed(ours, 1)
-    uint8 = probe["pixels"].dtype.is_floating_point is False
-    # ours never lets a shuffle block span an epoch of its stream; give webdataset's buffer the same fill
-    # (a worker's 800 / workers samples), else it reads several epochs before its first sample
-    bare_buffer = min(args.buffer, 800 // max(args.workers, 1))
-    bare = bare_loader(shards, str(root / "emb"), args.batch, args.workers, bare_buffer, args.image_size,
-                       tuple(cfg.crop_scale), cfg.dense_ratio, uint8)
-    _, bprobe, _ = timed(bare, 1)
-    assert tuple(bprobe["pixels"].shape) == tuple(probe["pixels"].shape), (bprobe["pixels"].shape, probe["pixels"].shape)
+    ours, bare, info = loader_pair(root, args.batch, args.workers, args.buffer, args.image_size, 800)
+    uint8 = info["pixels"] == "uint8"
     times: dict[str, list[float]] = {"ours": [], "bare": []}
     cpu: dict[str, list[float]] = {"ours": [], "bare": []}
     for _ in range(args.repeats):
