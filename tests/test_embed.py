@@ -19,7 +19,7 @@ from llm2clip.data import sidecar as S
 from llm2clip.data.shards import get_caption, iter_tar_samples
 from llm2clip.schema import TextEncoderConfig
 from llm2clip.schema_embed import EmbedConfig
-from llm2clip.tasks.embed import EmbedConflictError, assign_lpt, plan_jobs, run_embed
+from llm2clip.tasks.embed import EmbedConflictError, assign_lpt, assign_windows, plan_jobs, plan_windows, run_embed
 from llm2clip.text import feature_cache as FC
 from llm2clip.text.batching import fixed_batches, plan_batches
 from llm2clip.text.embedder import TextEmbedder
@@ -133,6 +133,26 @@ def test_lpt_assignment_balances_unequal_shards():
     assert max(loads) == 500 and a[0] == [5]
 
 
+def test_windows_come_from_global_order_whatever_the_world_size():
+    weights = [90, 90, 90, 30, 20, 500, 10]
+    todo = list(range(7))
+    assert plan_windows(7, todo, 1) == [[i] for i in range(7)]
+    assert plan_windows(7, todo, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    for W in (1, 2, 3, 4):
+        windows = plan_windows(7, todo, W)
+        per_world = {world: assign_windows(windows, weights, world) for world in (1, 2, 3)}
+        for world, a in per_world.items():
+            assert len(a) == world
+            # each rank gets whole windows; together they are exactly the global windows, each once
+            assert sorted(w for r in a for w in r) == windows
+        assert per_world[1] == [sorted(windows, key=lambda w: -sum(weights[i] for i in w))]  # heaviest first
+    a = assign_windows(plan_windows(7, todo, 2), weights, 2)  # [0,1] [2,3] [4,5] [6]: 180 120 520 10
+    assert a == [[[4, 5]], [[0, 1], [2, 3], [6]]]
+    # a rerun keeps the cut points: shard 2 done, its window-mate 3 alone; the other windows unchanged
+    assert plan_windows(7, [0, 1, 3, 4, 5, 6], 2) == [[0, 1], [3], [4, 5], [6]]
+    assert plan_windows(7, [], 2) == [] and assign_windows([], weights, 2) == [[], []]
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_embedding_is_invariant_to_batching(world, side):
     enc, ptok = encoder(world, side)
@@ -193,23 +213,46 @@ def test_sidecar_layout_manifest_index_and_values(world):
     assert FC.fingerprint_of(idx["encoder"]) == summ["fingerprint"]
 
 
+# runs tools/embed_captions.py's main once per argv list in one process (one torchrun launch, one
+# import of torch, for several configs)
+EMBED_MANY = """import json, sys
+sys.path.insert(0, sys.argv[1])
+from embed_captions import main
+for argv in json.loads(sys.argv[2]):
+    main(argv)
+"""
+
+
 def test_two_processes_equal_one_process_byte_for_byte(world, tmp_path):
+    """1 process == 2 processes, byte for byte, with one shard per window (the default) and with
+    batch.window_shards=2 (windows are cut in the global shard order, then whole windows go to ranks:
+    with windows cut from each rank's share, the ranks batched other captions together)."""
     env = {"LLM2CLIP_HASH_CACHE": str(world["root"] / "hashes.json")}
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cmd([sys.executable, TOOL, *[f"--set={o}" for o in overrides(world, one)]], env_extra=env, timeout=120)
-    p = torchrun(TOOL, [f"--set={o}" for o in overrides(world, two)], nproc=2, env_extra=env, timeout=120)
-    summ = json.loads((two / "embed_summary.json").read_text())
-    assert summ["world_size"] == 2 and summ["written"] == 5 and not summ["errors"], p.stdout[-2000:]
-    assert all(t > 0 for t in summ["encode_seconds_per_rank"]), "both ranks must get work"
-    a, b = sidecars(one), sidecars(two)
-    assert [x.relative_to(one) for x in a] == [x.relative_to(two) for x in b] and len(a) == 5
-    for x, y in zip(a, b):
-        dx, dy = read_sidecar(x), read_sidecar(y)
-        assert sorted(dx) == sorted(dy)
-        assert all(np.array_equal(dx[k][n], dy[k][n]) for k in dx for n in dx[k])
-        assert x.read_bytes() == y.read_bytes()
-        assert S.manifest_path(x).read_text() == S.manifest_path(y).read_text()
-    assert (one / "train" / "index.json").read_text() == (two / "train" / "index.json").read_text()
+    script = tmp_path / "embed_many.py"
+    script.write_text(EMBED_MANY)
+    runs = {(n, W): tmp_path / f"{n}proc-w{W}" for n in (1, 2) for W in (1, 2)}
+
+    def argvs(n):
+        return json.dumps([[f"--set={o}" for o in overrides(world, runs[n, W], f"batch.window_shards={W}")]
+                           for W in (1, 2)])
+
+    run_cmd([sys.executable, str(script), str(Path(TOOL).parent), argvs(1)], env_extra=env, timeout=180)
+    p = torchrun(str(script), [str(Path(TOOL).parent), argvs(2)], nproc=2, env_extra=env, timeout=180)
+    for W in (1, 2):
+        one, two = runs[1, W], runs[2, W]
+        summ = json.loads((two / "embed_summary.json").read_text())
+        assert summ["world_size"] == 2 and summ["written"] == 5 and not summ["errors"], p.stdout[-2000:]
+        assert all(t > 0 for t in summ["encode_seconds_per_rank"]), "both ranks must get work"
+        assert json.loads((one / "embed_summary.json").read_text())["padded_tokens"] == summ["padded_tokens"]
+        a, b = sidecars(one), sidecars(two)
+        assert [x.relative_to(one) for x in a] == [x.relative_to(two) for x in b] and len(a) == 5
+        for x, y in zip(a, b):
+            dx, dy = read_sidecar(x), read_sidecar(y)
+            assert sorted(dx) == sorted(dy)
+            assert all(np.array_equal(dx[k][n], dy[k][n]) for k in dx for n in dx[k]), (W, x)
+            assert x.read_bytes() == y.read_bytes(), (W, x)
+            assert S.manifest_path(x).read_text() == S.manifest_path(y).read_text()
+        assert (one / "train" / "index.json").read_text() == (two / "train" / "index.json").read_text()
 
 
 def test_kill_and_rerun_completes_without_recomputing(world, tmp_path):

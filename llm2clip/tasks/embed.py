@@ -6,9 +6,12 @@
    (rank 0, broadcast). Every rank validates a slice of the existing manifests (sha256 + count);
    a shard whose manifest validates for this encoder is skipped, one from another encoder stops the
    job (unless output.overwrite), everything else is (re)done.
-2. Balance: the remaining shards go to ranks by greedy longest-processing-time on their sample
-   counts (or file sizes), the same on every rank; each shard is written by exactly one rank.
-3. Encode: per window of shards, read only the text members, tokenise (one call per window), and
+2. Balance: the shards are cut into windows of batch.window_shards consecutive shards in the plan's
+   (global) order, the same whatever the world size; the windows still to do go to ranks by greedy
+   longest-processing-time on their sample counts (or file sizes), the same on every rank. A window
+   is embedded by exactly one rank, so its batches, and the bytes written, do not depend on the
+   number of ranks.
+3. Encode: per window, read only the text members, tokenise (one call per window), and
    embed with the TextEmbedder: captions packed into rows up to batch.token_budget (or length-sorted
    padded batches with text.packing=off), the frozen encoder under no_grad.
 4. Write: sidecar tar then manifest (see llm2clip/data/sidecar.py); rank 0 writes index.json per
@@ -98,6 +101,23 @@ def assign_lpt(weights: list[int], world: int) -> list[list[int]]:
         out[r].append(i)
         loads[r] += weights[i]
     return out
+
+
+def plan_windows(n_jobs: int, todo: list[int], window_shards: int) -> list[list[int]]:
+    """Job indices grouped into windows: the plan's shards cut every `window_shards` positions (global
+    order, fixed by the data alone), each window keeping the shards still to do; empty ones dropped.
+    Cutting at fixed positions (not every `window_shards` remaining shards) keeps a rerun's untouched
+    windows, and so their batches, those of the first run."""
+    left = set(todo)
+    windows = [[i for i in range(s, min(s + window_shards, n_jobs)) if i in left]
+               for s in range(0, n_jobs, window_shards)]
+    return [w for w in windows if w]
+
+
+def assign_windows(windows: list[list[int]], weights: list[int], world: int) -> list[list[list[int]]]:
+    """Whole windows to ranks, greedy LPT on the window's summed weight: [rank][window][job index]."""
+    a = assign_lpt([sum(weights[i] for i in w) for w in windows], world)
+    return [[windows[k] for k in ks] for ks in a]
 
 
 def check_export_settings(cfg: EmbedConfig) -> None:
@@ -262,18 +282,17 @@ class _Progress:
             self.bar.close()
 
 
-def _work(cfg: EmbedConfig, jobs: list[ShardJob], fp: str, rank: int) -> dict[str, Any]:
-    """Encode and write this rank's shards; never raises (errors are reported to every rank)."""
+def _work(cfg: EmbedConfig, windows: list[list[ShardJob]], fp: str, rank: int) -> dict[str, Any]:
+    """Encode and write this rank's windows of shards; never raises (errors are reported to every rank)."""
     res: dict[str, Any] = {"manifests": [], "stats": EncodeStats().as_dict(), "missing_captions": 0, "empty_captions": 0,
                            "nonfinite": 0, "read_errors": 0, "error": None}
+    jobs = [j for w in windows for j in w]
     if not jobs:
         return res
     stats = EncodeStats()
     n_fields = len(cfg.data.fields)
     total = sum(j.samples for j in jobs) * n_fields if all(j.samples is not None for j in jobs) else None
     prog = None
-    W = cfg.batch.window_shards
-    windows = [jobs[i:i + W] for i in range(0, len(jobs), W)]
     pool = ThreadPoolExecutor(1) if cfg.batch.prefetch else None
     try:
         from llm2clip.text.embedder import TextEmbedder
@@ -388,12 +407,16 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     redo = [i for i in todo if status[i][1] not in ("new",)]
     if redo and rank == 0:
         log.info(f"redoing {len(redo)} shard(s), e.g. {jobs[redo[0]].sidecar}: {status[redo[0]][1]}")
-    assignment = assign_lpt([jobs[i].weight for i in todo], world)
-    my_jobs = [jobs[todo[k]] for k in assignment[rank]]
+    windows = plan_windows(len(jobs), todo, cfg.batch.window_shards)
+    my_windows = [[jobs[i] for i in w] for w in assign_windows(windows, [j.weight for j in jobs], world)[rank]]
+    if rank == 0 and len(windows) < min(world, len(todo)):
+        log.warning(f"{len(todo)} shard(s) to do in {len(windows)} window(s) of batch.window_shards="
+                    f"{cfg.batch.window_shards} for {world} ranks: {world - len(windows)} rank(s) get no work "
+                    "(lower batch.window_shards)")
     if rank == 0 and cfg.output.out_dir:
         save_config(cfg, Path(cfg.output.out_dir) / "embed_config.yaml")
 
-    res = _work(cfg, my_jobs, fp, rank)
+    res = _work(cfg, my_windows, fp, rank)
 
     results = D.all_gather_object(res)
     manifests = {jobs[i].sidecar: status[i][2] for i in done}
