@@ -104,3 +104,15 @@ def test_sidecar_location_required_only_where_sidecars_are_read():
     load_config(Stage2Config, None, ["data.shards=x.tar", "vision.path=v", "text.mode=online",
                                      "text.encoder.model_path=m"])
     load_config(ClipBaselineConfig, None, ["data.shards=x.tar", "model.path=m"])
+
+
+def test_bare_on_off_choices_survive_yaml(tmp_path):
+    """YAML 1.1 reads a bare `off` / `on` as a boolean: `text.packing: off` (as the docs write it) must mean
+    "off", from a file and from --set alike; other boolean values of a choice key stay errors."""
+    p = tmp_path / "c.yaml"
+    p.write_text("text:\n  packing: off\n")
+    assert load_config(Stage1Config, str(p), BASE).text.packing == "off"
+    assert load_config(Stage1Config, None, BASE + ["text.packing=on"]).text.packing == "on"
+    assert load_config(Stage1Config, None, BASE + ["text.packing=off"]).text.packing == "off"
+    with pytest.raises(ConfigError, match=r"text\.pooling.*not one of"):
+        load_config(Stage1Config, None, BASE + ["text.pooling=off"])
