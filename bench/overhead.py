@@ -488,7 +488,7 @@ def worker_embed(spec: dict) -> dict:
             n = bare_embed(shards, spec["llama"], out, fields, b.token_budget, b.max_batch_size, cfg0.text.max_length,
                            NAIVE_BATCH if name == "bare_naive" else 0)
         else:
-            extra = ["text.packing='off'"] if name == "ours_padded" else []
+            extra = ["text.packing=off"] if name == "ours_padded" else []
             n = run_embed(load_config(EmbedConfig, str(ROOT / "configs/tiny/embed.yaml"),
                                       [*base, f"output.out_dir={out}", *extra]))["captions"]
         return time.perf_counter() - t0, n
@@ -565,7 +565,7 @@ def ours_trainer(stage: int, root: Path, out: Path, a, extra: list[str]) -> dict
 
 def compare_trainer(stage: int, root: Path, a) -> dict:
     """Paired runs: ours (each variant), bare, ours, bare ... -> {comparison: record}."""
-    variants = {"stage2": []} if stage == 2 else {"stage1_padded": ["text.packing='off'"], "stage1_packed": []}
+    variants = {"stage2": []} if stage == 2 else {"stage1_padded": ["text.packing=off"], "stage1_packed": []}
     runs: dict[str, list[dict]] = {k: [] for k in [*variants, "bare"]}
     spec = None
     for r in range(a.repeats):
