@@ -220,14 +220,9 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
 def train_step(trainer, engine, batches) -> tuple:
     """One optimizer step exactly as Trainer.run() takes it (grad accumulation, finite checks, the task's
-    loss): (loss, metrics, real tokens, items, data-wait s). The engine has no public single-step entry,
-    so this calls Trainer._train_step, passing the step number where its signature takes one."""
-    import inspect
-
-    fn = trainer._train_step  # noqa: SLF001
+    loss): (loss, metrics, real tokens, items, data-wait s)."""
     trainer._gpu_check_step = getattr(trainer, "_gpu_check_step", 0) + 1
-    out = fn(engine, batches, trainer._gpu_check_step) if len(inspect.signature(fn).parameters) >= 3 \
-        else fn(engine, batches)
+    out = trainer.train_step(engine, batches, trainer._gpu_check_step)
     if not isinstance(out, tuple):  # a discarded (non-finite) step
         raise RuntimeError(f"training step discarded: {getattr(out, 'message', out)}")
     return out

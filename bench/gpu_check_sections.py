@@ -3,7 +3,7 @@
 Each section is `fn(ctx, res, budget)`: it fills the dict `res` as it goes (so a timeout or an error
 keeps what was measured before it) and may return a status ("ok", "fail", "skip"). Every measurement
 goes through the components the trainers use: `load_config` on the paper configs, `TextEncoder`,
-`TextEmbedder`, `Stage1Task`, `Stage2Task`, `Trainer._build_engine` (DeepSpeed) and the trainer's step.
+`TextEmbedder`, `Stage1Task`, `Stage2Task`, `Trainer.build_engine` (DeepSpeed) and the trainer's step.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def stage1(ctx: Ctx, res: dict, budget: Budget) -> str:
         task = Stage1Task(cfg)
         trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
         t0 = time.perf_counter()
-        engine, _ = trainer._build_engine()  # noqa: SLF001 - the engine has no public "build only" entry
+        engine, _ = trainer.build_engine()
         m["build_s"] = round(time.perf_counter() - t0, 2)
         total, nonemb = count_params(task.encoder.backbone)
         m.update(n_params=total, n_params_nonemb=nonemb, attn_implementation=task.encoder.attn_implementation)
@@ -300,7 +300,7 @@ def _stage2(ctx: Ctx, res: dict, budget: Budget, which: str, folder: Path, candi
     task = Stage2Task(cfg)
     trainer = Trainer(cfg.run, cfg.train, cfg.optim, task, cfg)
     t0 = time.perf_counter()
-    engine, _ = trainer._build_engine()  # noqa: SLF001
+    engine, _ = trainer.build_engine()
     res["build_s"] = round(time.perf_counter() - t0, 2)
     model = task.model
     tower = model.tower

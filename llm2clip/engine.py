@@ -2,7 +2,8 @@
 
 A task supplies the module to train, its parameter groups, a resumable batch iterator, the loss,
 an evaluation and the final export; the engine owns DeepSpeed, the lr schedule, the finite checks,
-checkpoint cadence and resume, preemption, and logging. One step, top to bottom, is `_train_step`.
+checkpoint cadence and resume, preemption, and logging. One step, top to bottom, is `train_step`;
+`build_engine` + `train_step` are public so benches and acceptance checks time exactly the trainer's step.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class Trainer:
         self.out = Path(run.output_dir)
         self.skipped_steps = 0  # optimizer steps discarded for a non-finite loss/gradient (on_nonfinite=skip)
 
-    def _build_engine(self):
+    def build_engine(self):
+        """(DeepSpeed engine, its config dict) for the task's module, optimizer and lr schedule."""
         import deepspeed
 
         module = self.task.module()
@@ -139,7 +141,7 @@ class Trainer:
         if D.get_rank() == 0:
             save_config(self.full_config, self.out / "config.yaml")
             self._log_memory_plan()
-        engine, ds_cfg = self._build_engine()
+        engine, ds_cfg = self.build_engine()
         if D.get_rank() == 0:
             atomic_write_text(self.out / "deepspeed_config.json", json.dumps(ds_cfg, indent=1))
         step, samples_seen, data_state = 0, 0, None
@@ -167,7 +169,7 @@ class Trainer:
         t_last, tok_acc, item_acc, wait_acc = time.perf_counter(), 0, 0, 0.0
         loss_val, m, consecutive = float("nan"), {}, 0
         while step < end:
-            out = self._train_step(engine, batches, step + 1)
+            out = self.train_step(engine, batches, step + 1)
             step += 1
             if isinstance(out, NonFiniteStep):
                 consecutive += 1
@@ -266,7 +268,7 @@ class Trainer:
             w["warned"] = row["perf/loader_cores"]
         return row
 
-    def _train_step(self, engine, batches, step: int):
+    def train_step(self, engine, batches, step: int):
         """grad_accum micro-batches, finite checks, one optimizer step. Returns (loss, metrics, tokens,
         items, wait s), or a NonFiniteStep when the step was discarded (train.on_nonfinite=skip)."""
         tot_loss, n_tok, n_items, wait = 0.0, 0, 0, 0.0
