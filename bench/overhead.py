@@ -29,12 +29,13 @@ What each side measures:
   the end of this one (next(loader) included).
 - stage1_padded / stage1_packed: as stage2, tools/train_stage1.py with text.packing=off (padded
   micro-batches: the bare loop's shapes) and with the default (packed rows). bare = AutoModel (the
-  tiny Llama, config.is_causal=False: bidirectional) + peft LoRA (same r, alpha, dropout, targets),
-  captions read from the same shards and fields by a webdataset pipeline (shuffle buffer, two distinct
-  fields per sample, a hard negative from the batch), one tokenizer call per micro-batch, left-padded,
-  positions counted from the first real token, mean pooling over the caption tokens, InfoNCE with
-  identical captions masked, the same DeepSpeed JSON (ZeRO stage included). The target applies to
-  the padded comparison; the packed one is shown for information.
+  tiny Llama, config.is_causal=False: bidirectional) + peft LoRA (same r, alpha, dropout, targets);
+  captions from the same shards and fields, read with tarfile (caption members only, as ours) through
+  a shuffle buffer of data.shuffle_buffer samples, two distinct fields per sample in random order and
+  a hard negative from the micro-batch; one tokenizer call per micro-batch, left padding, positions
+  counted from the first real token, mean pooling over the caption tokens, InfoNCE with identical
+  captions masked; the same DeepSpeed JSON (ZeRO stage included). The target applies to the padded
+  comparison; the packed one is shown for information.
 - loader: images/s of one fresh pass over `--loader-images` images (worker start-up included) of
   bench_loader.our_loader and bench_loader.bare_loader (data.num_workers workers, batch as stage 2).
 - embed_padded / embed_packed: captions/s of a whole embed job over the 4 shards' 4 caption fields,
@@ -42,8 +43,11 @@ What each side measures:
   included on both sides): ours = llm2clip.tasks.embed.run_embed with configs/tiny/embed.yaml and
   text.packing=off (the bare loop's shapes) or the default (packed); bare = tarfile read of the text
   members, one tokenizer call per shard, captions sorted by length and batched under the same token
-  budget and batch cap, AutoModel forward, mean pooling, one .npy per caption into an output tar.
-  Both write float16; the bare output is checked against ours (max abs difference in the JSON).
+  budget and batch cap (ours with packing off sorts and batches the same way), AutoModel forward, mean
+  pooling, one float16 .npy per caption into an output tar (checked equal to ours: max abs difference
+  in the JSON). *_vs_naive: against the loop without length sorting (file order, NAIVE_BATCH captions
+  per batch, one tokenizer call per batch), the baseline packing's gain is usually quoted against.
+  CPU ms per caption (all threads) is reported beside the wall rates: steadier on a shared machine.
 
 Output: JSON (machine, load average at start and end, versions, command, date, every run, ratios)
 and a markdown table (comparison, ours, bare, ratio, target, met?) on stdout; `--json PATH` writes it.
@@ -58,6 +62,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -205,10 +210,11 @@ def bare_stage2(spec: dict) -> dict:
     loader = BL.bare_loader(shards, str(Path(spec["root"], "emb")), B, workers, buffer, size, tuple(d["crop_scale"]),
                             d["dense_ratio"], True, seed=0)
     it = iter(loader)
-    times, losses = [], []
-    t_prev = time.perf_counter()
+    times, losses, waits, cpu = [], [], [], []
+    t_prev, c_prev = time.perf_counter(), time.process_time()
     for _ in range(spec["warmup"] + spec["steps"]):
         b = next(it)
+        waits.append(time.perf_counter() - t_prev)
         px = torch.as_tensor(b["pixels"])
         x = (px.to(torch.float32) / 255.0 - mean) / std
         img, txt, scale = engine(x, torch.as_tensor(b["emb"]).float())
@@ -220,41 +226,42 @@ def bare_stage2(spec: dict) -> dict:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100.0))
         losses.append(float(loss.detach()))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         times.append(t - t_prev)
-        t_prev = t
-    del it
+        cpu.append(c - c_prev)
+        t_prev, c_prev = t, c
+    del it  # joins the loader workers: their CPU time is in RUSAGE_CHILDREN now
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert_bare()
-    return {"step_s": times[spec["warmup"]:], "loss_first": losses[0], "threads": torch.get_num_threads(),
+    W = spec["warmup"]
+    return {"step_s": times[W:], "wait_s": waits[W:], "cpu_s": cpu[W:], "loss_first": losses[0],
+            "loader_cpu_s_per_step": (ch.ru_utime + ch.ru_stime) / len(times), "threads": torch.get_num_threads(),
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "batch": B, "workers": workers,
             "bare_buffer": buffer}
 
 
 # ==== bare stage 1 =======================================================================================
 def bare_pairs(shards: list[str], fields: list[str], batch: int, buffer: int, seed: int = 0):
-    """Endless micro-batches of (query, positive, hard negative) captions: webdataset reads the shards,
-    a shuffle buffer mixes samples, each sample gives two distinct caption fields in random order, and
-    the negative is the positive's field of another sample of the micro-batch."""
-    import webdataset as wds
-
-    def endless():
-        while True:
-            yield from ({"url": u} for u in shards)
-
-    def captions(samples):
-        for s in samples:
-            meta = json.loads(s["json"]) if "json" in s else {}
-            caps = []
-            for f in fields:
-                v = s.get("txt", b"").decode("utf-8", "replace") if f == "txt" else meta.get(f[5:])
-                v = (v[0] if v else None) if isinstance(v, list) else v
-                if isinstance(v, str) and v.strip():
-                    caps.append((f, v.strip()))
-            if len(caps) >= 2:
-                yield caps
-
-    it = iter(wds.DataPipeline(endless, wds.tarfile_to_samples(), captions, wds.shuffle(buffer, initial=buffer)))
+    """Endless micro-batches of (query, positive, hard negative) captions: the shards' caption members read
+    in turn (shard_captions), a shuffle buffer of `buffer` samples, each sample giving two distinct caption
+    fields in random order, the negative being the positive's field of another sample of the micro-batch."""
     rng = random.Random(seed)
+
+    def samples():
+        pool: list = []
+        while True:
+            for sh in shards:
+                for _, caps in shard_captions(sh, fields):
+                    if len(caps) < 2:
+                        continue
+                    if len(pool) < buffer:
+                        pool.append(caps)
+                        continue
+                    i = rng.randrange(buffer)
+                    yield pool[i]
+                    pool[i] = caps
+
+    it = samples()
     while True:
         group = [next(it) for _ in range(batch)]
         out = []
@@ -296,10 +303,11 @@ def bare_stage1(spec: dict) -> dict:
     shards = sorted(str(p) for p in Path(src["path"]).parent.glob(Path(src["path"]).name))
     batches = bare_pairs(shards, src["fields"], B, d["shuffle_buffer"])
     pad = tok.pad_token_id
-    times, losses = [], []
-    t_prev = time.perf_counter()
+    times, losses, waits, cpu = [], [], [], []
+    t_prev, c_prev = time.perf_counter(), time.process_time()
     for _ in range(spec["warmup"] + spec["steps"]):
         ex = next(batches)
+        waits.append(time.perf_counter() - t_prev)
         texts = [e[0] for e in ex] + [e[1] for e in ex] + [e[2] for e in ex]
         bodies = tok(texts, add_special_tokens=False)["input_ids"]  # one tokenizer call per micro-batch
         hs = [heads[0]] * B + [heads[1]] * 2 * B
@@ -325,34 +333,45 @@ def bare_stage1(spec: dict) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
-        now = time.perf_counter()
+        now, c = time.perf_counter(), time.process_time()
         times.append(now - t_prev)
-        t_prev = now
+        cpu.append(c - c_prev)
+        t_prev, c_prev = now, c
     assert_bare()
-    return {"step_s": times[spec["warmup"]:], "loss_first": losses[0], "threads": torch.get_num_threads(),
+    W = spec["warmup"]
+    return {"step_s": times[W:], "wait_s": waits[W:], "cpu_s": cpu[W:], "loss_first": losses[0],
+            "threads": torch.get_num_threads(),
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "batch": B}
 
 
 # ==== bare embed =========================================================================================
-def read_captions(shard: str, fields: list[str]) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """(every key in order, [(key, field name)], the captions), from the .txt / .json members only."""
+def shard_captions(shard: str, fields: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(key, [(field name, caption), ...])] in shard order, from the .txt / .json members only (tarfile
+    seeks past the images)."""
     samples: dict[str, dict] = {}
     with tarfile.open(shard) as tf:
         for m in tf:
             key, _, ext = os.path.basename(m.name).partition(".")
             if m.isfile() and ext in ("txt", "json"):
                 samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    keys, items, caps = list(samples), [], []
-    for k in keys:
-        s = samples[k]
+    out = []
+    for k, s in samples.items():
         meta = json.loads(s["json"]) if "json" in s else {}
+        caps = []
         for f in fields:
             v = s.get("txt", b"").decode("utf-8", "replace") if f == "txt" else meta.get(f[5:])
             v = (v[0] if v else None) if isinstance(v, list) else v
             if isinstance(v, str) and v.strip():
-                items.append((k, f[5:] if f.startswith("json:") else f))
-                caps.append(v.strip())
-    return keys, items, caps
+                caps.append((f[5:] if f.startswith("json:") else f, v.strip()))
+        out.append((k, caps))
+    return out
+
+
+def read_captions(shard: str, fields: list[str]) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(every key in order, [(key, field name)], the captions) of one shard."""
+    per = shard_captions(shard, fields)
+    items = [(k, f) for k, caps in per for f, _ in caps]
+    return [k for k, _ in per], items, [c for _, caps in per for _, c in caps]
 
 
 def bare_embed(shards: list[str], model_dir: str, out_dir: Path, fields: list[str], token_budget: int, max_batch: int,
@@ -459,11 +478,13 @@ def worker_loader(spec: dict) -> dict:
                                       spec["samples"])
     n_batches = max(1, spec["images"] // spec["batch"])
     rates: dict[str, list[float]] = {"ours": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ours": [], "bare": []}  # ms per image, main process + its workers
     for _ in range(spec["repeats"]):
         for name, loader in (("ours", ours), ("bare", bare)):
-            dt, _, _ = BL.timed(loader, n_batches)
+            dt, _, c = BL.timed(loader, n_batches)
             rates[name].append(n_batches * spec["batch"] / dt)
-    return {"rates": rates, "images_per_run": n_batches * spec["batch"], **info}
+            cpu[name].append(1e3 * c / (n_batches * spec["batch"]))
+    return {"rates": rates, "cpu_ms": cpu, "images_per_run": n_batches * spec["batch"], **info}
 
 
 def worker_embed(spec: dict) -> dict:
@@ -482,8 +503,8 @@ def worker_embed(spec: dict) -> dict:
     b, fields = cfg0.batch, list(cfg0.data.fields)
     assert cfg0.data.instruction == "" and cfg0.text.template == "none" and cfg0.output.dtype == "float16"
 
-    def run(name: str, out: Path) -> tuple[float, int]:
-        t0 = time.perf_counter()
+    def run(name: str, out: Path) -> tuple[float, int, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         if name.startswith("bare"):
             n = bare_embed(shards, spec["llama"], out, fields, b.token_budget, b.max_batch_size, cfg0.text.max_length,
                            NAIVE_BATCH if name == "bare_naive" else 0)
@@ -491,7 +512,7 @@ def worker_embed(spec: dict) -> dict:
             extra = ["text.packing=off"] if name == "ours_padded" else []
             n = run_embed(load_config(EmbedConfig, str(ROOT / "configs/tiny/embed.yaml"),
                                       [*base, f"output.out_dir={out}", *extra]))["captions"]
-        return time.perf_counter() - t0, n
+        return time.perf_counter() - t0, n, time.process_time() - c0
 
     order = ("ours_padded", "bare", "ours_packed", "bare_naive")
     counts = {k: run(k, tmp / f"warm_{k}")[1] for k in order}  # warm-up: lazy imports, caches, file cache
@@ -499,12 +520,14 @@ def worker_embed(spec: dict) -> dict:
     first = Path(shards[0]).name
     diff = {k: max_abs_diff(tmp / "warm_ours_padded" / first, tmp / f"warm_{k}" / first) for k in order[1:]}
     rates: dict[str, list[float]] = {k: [] for k in order}
+    cpu: dict[str, list[float]] = {k: [] for k in order}  # ms per caption, all threads of the process
     for r in range(spec["repeats"]):
         for k in order:
-            dt, n = run(k, tmp / f"{k}_{r}")
+            dt, n, c = run(k, tmp / f"{k}_{r}")
             rates[k].append(n / dt)
+            cpu[k].append(1e3 * c / n)
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"rates": rates, "captions": counts["bare"], "max_abs_diff_vs_ours_padded": diff, "naive_batch": NAIVE_BATCH,
+    return {"rates": rates, "cpu_ms": cpu, "captions": counts["bare"], "max_abs_diff_vs_ours_padded": diff, "naive_batch": NAIVE_BATCH,
             "token_budget": b.token_budget, "max_batch_size": b.max_batch_size, "threads": torch.get_num_threads()}
 
 
@@ -529,11 +552,12 @@ def run_proc(args: list[str], threads: int, timeout: int = 900) -> str:
 def run_worker(name: str, spec: dict, threads: int) -> dict:
     path = Path(spec["root"]) / f"spec_{name}.json"
     path.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
     out = run_proc([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(path)], threads)
     lines = [ln for ln in out.splitlines() if ln.startswith(MARK)]
     if not lines:
         raise RuntimeError(f"worker {name} printed no result:\n{out[-3000:]}")
-    return json.loads(lines[-1][len(MARK):])
+    return {**json.loads(lines[-1][len(MARK):]), "process_s": time.perf_counter() - t0}
 
 
 def ours_trainer(stage: int, root: Path, out: Path, a, extra: list[str]) -> dict:
@@ -549,16 +573,22 @@ def ours_trainer(stage: int, root: Path, out: Path, a, extra: list[str]) -> dict
     args = [sys.executable, str(ROOT / f"tools/train_stage{stage}.py"), "--config", str(ROOT / f"configs/tiny/stage{stage}.yaml")]
     for s in sets:
         args += ["--set", s]
+    t0 = time.perf_counter()
     run_proc(args, a.threads)
+    process_s = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/items_per_s" in r]
     import yaml
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     items = cfg["train"]["micro_batch_size"]
-    step_s = [items / r["perf/items_per_s"] for r in rows if r["step"] > a.warmup]
+    timed = [r for r in rows if r["step"] > a.warmup]
+    step_s = [items / r["perf/items_per_s"] for r in timed]
     wall = [b["time"] - p["time"] for p, b in zip(rows, rows[1:]) if b["step"] > a.warmup]
-    return {"step_s": step_s, "logging_s": statistics.median(wall) - statistics.median(step_s),
+    # the loader workers' CPU over the whole run (start-up and shuffle-buffer fill included, as the bare's)
+    loader = [r["perf/loader_cpu_s_per_step"] for r in rows if "perf/loader_cpu_s_per_step" in r]
+    return {"step_s": step_s, "wait_s": [r["perf/data_wait_frac"] * s for r, s in zip(timed, step_s)],
+            "loader_cpu_s_per_step": statistics.mean(loader) if len(loader) == len(rows) else None, "logging_s": statistics.median(wall) - statistics.median(step_s), "process_s": process_s,
             "loss_first": rows[0]["train/loss"], "config": cfg,
             "ds_config": json.loads((out / "deepspeed_config.json").read_text())}
 
@@ -585,10 +615,23 @@ def compare_trainer(stage: int, root: Path, a) -> dict:
         print(f"  bare stage{stage} run {r + 1}: {1e3 * statistics.median(res['step_s']):.1f} ms/step", file=sys.stderr)
     bare = [statistics.median(x["step_s"]) for x in runs["bare"]]
     out = {}
+
+    def med(side: str, key: str) -> float:  # ms: median over runs of each run's median
+        return round(1e3 * statistics.median(statistics.median(x[key]) for x in runs[side]), 2)
+
     for name in variants:
         ours = [statistics.median(x["step_s"]) for x in runs[name]]
         out[name] = record(name, "ms/step", [1e3 * x for x in ours], [1e3 * x for x in bare], lower_is_better=True)
-        out[name].update(logging_ms=round(1e3 * statistics.median(x["logging_s"] for x in runs[name]), 2),
+        if stage == 2:
+            out[name]["loader_cpu_ms_per_step"] = {
+                "ours": round(1e3 * statistics.median(x["loader_cpu_s_per_step"] for x in runs[name]), 1)
+                if all(x["loader_cpu_s_per_step"] is not None for x in runs[name]) else None,
+                "bare": round(1e3 * statistics.median(x["loader_cpu_s_per_step"] for x in runs["bare"]), 1)}
+        out[name].update(data_wait_ms={"ours": med(name, "wait_s"), "bare": med("bare", "wait_s")},
+                         bare_main_cpu_ms=med("bare", "cpu_s"),
+                         logging_ms=round(1e3 * statistics.median(x["logging_s"] for x in runs[name]), 2),
+                         process_s_ours=round(statistics.median(x["process_s"] for x in runs[name]), 1),
+                         process_s_bare=round(statistics.median(x["process_s"] for x in runs["bare"]), 1),
                          loss_first_ours=runs[name][0]["loss_first"], loss_first_bare=runs["bare"][0]["loss_first"],
                          zero_stage=runs["bare"][0]["zero_stage"], batch=runs["bare"][0]["batch"],
                          threads_bare=runs["bare"][0]["threads"])
@@ -690,7 +733,8 @@ def main(argv=None) -> dict:
                                        "samples": a.samples, "images": a.loader_images, "repeats": a.repeats,
                                        "threads": a.threads}, a.threads)
             res["loader"] = record("loader", "images/s", lw["rates"]["ours"], lw["rates"]["bare"], False)
-            extra["loader"] = {k: v for k, v in lw.items() if k != "rates"}
+            res["loader"]["cpu_ms_per_image"] = {k: round(statistics.median(v), 3) for k, v in lw["cpu_ms"].items()}
+            extra["loader"] = {k: v for k, v in lw.items() if k not in ("rates", "cpu_ms")}
             phase["loader"] = time.time() - tp
         for stage in (2, 1):
             if f"stage{stage}" in only:
@@ -705,7 +749,9 @@ def main(argv=None) -> dict:
                 ours = "ours_packed" if "packed" in k else "ours_padded"
                 bare = "bare_naive" if k.endswith("_vs_naive") else "bare"
                 res[k] = record(k, "captions/s", ew["rates"][ours], ew["rates"][bare], False)
-            extra["embed"] = {k: v for k, v in ew.items() if k != "rates"}
+                res[k]["cpu_ms_per_caption"] = {"ours": round(statistics.median(ew["cpu_ms"][ours]), 4),
+                                                "bare": round(statistics.median(ew["cpu_ms"][bare]), 4)}
+            extra["embed"] = {k: v for k, v in ew.items() if k not in ("rates", "cpu_ms")}
             phase["embed"] = time.time() - tp
     finally:
         if not a.work:
