@@ -647,7 +647,9 @@ def record(name: str, unit: str, ours: list[float], bare: list[float], lower_is_
     return {"unit": unit, "ours": round(mo, 3), "bare": round(mb, 3), "ratio": round(ratio, 4), "ratio_is": what,
             "target": None if sign is None else f"{sign} {target}", "met": met,
             "ours_runs": [round(x, 3) for x in ours], "bare_runs": [round(x, 3) for x in bare],
-            "pair_ratios": [round(x / y, 4) for x, y in zip(ours, bare)], "lower_is_better": lower_is_better}
+            "pair_ratios": [round(x / y, 4) for x, y in zip(ours, bare)],
+            "pair_ratio_median": round(statistics.median(x / y for x, y in zip(ours, bare)), 4),
+            "lower_is_better": lower_is_better}
 
 
 def table(res: dict) -> str:
@@ -664,6 +666,10 @@ def table(res: dict) -> str:
         met = "n/a" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(f"| {names[k]} | {r['ours']:.1f} {r['unit']} | {r['bare']:.1f} {r['unit']} | "
                      f"{r['ratio']:.3f} ({r['ratio_is']}) | {r['target'] or '-'} | {met} |")
+    lines.append("")
+    lines.append("Per-pair ratios (run k of ours / run k of bare), median [min, max]: " + "; ".join(
+        f"{k} {r['pair_ratio_median']:.3f} [{min(r['pair_ratios']):.3f}, {max(r['pair_ratios']):.3f}]"
+        for k, r in res.items()))
     return "\n".join(lines)
 
 
