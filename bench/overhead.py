@@ -74,6 +74,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 MARK = "@@OVERHEAD "  # a worker's result line
@@ -578,8 +580,6 @@ def ours_trainer(stage: int, root: Path, out: Path, a, extra: list[str]) -> dict
     process_s = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/items_per_s" in r]
-    import yaml
-
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     items = cfg["train"]["micro_batch_size"]
     timed = [r for r in rows if r["step"] > a.warmup]
@@ -588,7 +588,8 @@ def ours_trainer(stage: int, root: Path, out: Path, a, extra: list[str]) -> dict
     # the loader workers' CPU over the whole run (start-up and shuffle-buffer fill included, as the bare's)
     loader = [r["perf/loader_cpu_s_per_step"] for r in rows if "perf/loader_cpu_s_per_step" in r]
     return {"step_s": step_s, "wait_s": [r["perf/data_wait_frac"] * s for r, s in zip(timed, step_s)],
-            "loader_cpu_s_per_step": statistics.mean(loader) if len(loader) == len(rows) else None, "logging_s": statistics.median(wall) - statistics.median(step_s), "process_s": process_s,
+            "loader_cpu_s_per_step": statistics.mean(loader) if len(loader) == len(rows) else None,
+            "logging_s": statistics.median(wall) - statistics.median(step_s), "process_s": process_s,
             "loss_first": rows[0]["train/loss"], "config": cfg,
             "ds_config": json.loads((out / "deepspeed_config.json").read_text())}
 
@@ -730,8 +731,6 @@ def main(argv=None) -> dict:
         res: dict[str, dict] = {}
         extra: dict[str, dict] = {}
         if "loader" in only:
-            import yaml
-
             tp = time.time()
             s2 = yaml.safe_load((ROOT / "configs/tiny/stage2.yaml").read_text())
             lw = run_worker("loader", {"root": str(root), "batch": s2["train"]["micro_batch_size"],
