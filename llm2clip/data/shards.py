@@ -204,7 +204,9 @@ class CaptionFieldError(KeyError):
 def get_caption(sample: dict[str, Any], spec: str) -> str | None:
     """Caption by field spec: "txt" (the .txt member) or "json:NAME" (a field of the .json member).
 
-    Returns None when the field is absent or empty (callers count and skip such samples)."""
+    Returns None when the field is absent or empty (callers count and skip such samples). The parsed
+    .json member replaces the raw bytes in `sample`, so the sample's other json fields do not parse it
+    again (3 parses a sample in the embed step before)."""
     if spec.startswith("json:"):
         raw = sample.get("json")
         if raw is None:
@@ -213,6 +215,7 @@ def get_caption(sample: dict[str, Any], spec: str) -> str | None:
             meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
         except json.JSONDecodeError:
             return None
+        sample["json"] = meta
         val = meta.get(spec[5:]) if isinstance(meta, dict) else None
         if isinstance(val, list):
             val = val[0] if val else None

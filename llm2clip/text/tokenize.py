@@ -178,19 +178,18 @@ class PromptTokenizer:
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, padding_side: str = "right") -> TextBatch:
-    """One caption per row, padded to the longest."""
+    """One caption per row, padded to the longest. Rows are padded as Python lists and each field
+    becomes one tensor (per-row tensors and slice assignments took twice as long, issue 16)."""
     n = max(len(ids) for ids, _ in encoded)
-    B = len(encoded)
-    input_ids = torch.full((B, n), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, n), dtype=torch.long)
-    emb = torch.zeros((B, n), dtype=torch.long)
-    for b, (ids, m) in enumerate(encoded):
-        L = len(ids)
-        sl = slice(n - L, n) if padding_side == "left" else slice(0, L)
-        input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
-        attn[b, sl] = 1
-        emb[b, sl] = torch.tensor(m, dtype=torch.long)
-    return TextBatch(input_ids, attn, emb)
+    left = padding_side == "left"
+    ids_rows, attn_rows, emb_rows = [], [], []
+    for ids, m in encoded:
+        k = n - len(ids)
+        ids_rows.append([pad_id] * k + list(ids) if left else list(ids) + [pad_id] * k)
+        attn_rows.append([0] * k + [1] * len(ids) if left else [1] * len(ids) + [0] * k)
+        emb_rows.append([0] * k + list(m) if left else list(m) + [0] * k)
+    return TextBatch(torch.tensor(ids_rows, dtype=torch.long), torch.tensor(attn_rows, dtype=torch.long),
+                     torch.tensor(emb_rows, dtype=torch.long))
 
 
 def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -224,23 +223,17 @@ def collate_packed(encoded: Sequence[Encoded], rows: Sequence[Sequence[int]], pa
     fullest row). seg_ids numbers the captions 0..n-1 in `rows` order (row by row)."""
     used = [sum(len(encoded[i][0]) for i in r) for r in rows]
     W = max(max(used), width or 0)
-    R = len(rows)
-    input_ids = torch.full((R, W), pad_id, dtype=torch.long)
-    attn = torch.zeros((R, W), dtype=torch.long)
-    emb = torch.zeros((R, W), dtype=torch.long)
-    seg = torch.full((R, W), -1, dtype=torch.long)
+    ids_rows, attn_rows, emb_rows, seg_rows = [], [], [], []
     c = 0
-    for r, row in enumerate(rows):
-        ids = [t for i in row for t in encoded[i][0]]
-        mask = [m for i in row for m in encoded[i][1]]
-        segs = [c + j for j, i in enumerate(row) for _ in encoded[i][0]]
+    for row, L in zip(rows, used):
+        k = W - L
+        ids_rows.append([t for i in row for t in encoded[i][0]] + [pad_id] * k)
+        attn_rows.append([1] * L + [0] * k)
+        emb_rows.append([m for i in row for m in encoded[i][1]] + [0] * k)
+        seg_rows.append([c + j for j, i in enumerate(row) for _ in encoded[i][0]] + [-1] * k)
         c += len(row)
-        L = len(ids)
-        input_ids[r, :L] = torch.tensor(ids, dtype=torch.long)
-        attn[r, :L] = 1
-        emb[r, :L] = torch.tensor(mask, dtype=torch.long)
-        seg[r, :L] = torch.tensor(segs, dtype=torch.long)
-    return TextBatch(input_ids, attn, emb, seg)
+    t = lambda rs: torch.tensor(rs, dtype=torch.long)  # noqa: E731
+    return TextBatch(t(ids_rows), t(attn_rows), t(emb_rows), t(seg_rows))
 
 
 def _find(seq: list[int], sub: list[int]) -> int:
