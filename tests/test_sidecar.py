@@ -303,3 +303,19 @@ def test_preflight_scan_trusts_only_a_current_index(tmp_path):
     assert FP2 in scan.invalid[0][1] and "truncated" in scan.invalid[1][1]
     # the index is never used for the full check
     assert S.scan_sidecars(images[:1], cfg, FP, ["txt"], verify=True).from_index == 0
+
+
+def test_encode_npy_writes_what_numpy_writes():
+    """The cached-header encoder (one header per dtype and shape) gives np.save's bytes exactly."""
+    import io
+
+    import numpy as np
+
+    from llm2clip.data.sidecar import decode_npy, encode_npy
+
+    for a in (np.random.rand(64).astype(np.float16), np.random.rand(4096).astype(np.float32),
+              np.random.rand(3, 4)[:, 1], np.arange(7, dtype=np.int64)):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+        assert encode_npy(a) == buf.getvalue(), a.dtype
+        assert np.array_equal(decode_npy(encode_npy(a)), a)
