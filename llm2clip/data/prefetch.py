@@ -19,15 +19,19 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
-_POLL_S = 0.2  # how often a blocked producer checks whether it was closed
+_POLL_S = 0.2  # how often a producer waiting for a free slot checks whether it was closed
 
 
 class Prefetcher(Generic[T]):
-    """Iterator over `produce()` results, computed `depth` items ahead in a daemon thread.
+    """Iterator over `produce()` results, computed up to `depth` items ahead of the consumer in a daemon
+    thread: an item counts against `depth` from the moment its production starts until `next` hands it
+    out, so depth 1 is "the next item is made while the current one is used" (the embed step's
+    read-ahead) and depth 2 is stage 1's `data.prefetch` default.
 
     depth 0: `produce` runs in the caller's thread on each `next` (no thread; `cpu_s` stays 0 because the
     cost is already part of the step). An exception in `produce` is raised by the `next` that would have
-    returned that item, with its original traceback; the thread stops there.
+    returned that item, with its original traceback; the thread stops there (so a StopIteration from
+    `produce` ends the iteration).
     `cpu_s`: CPU seconds the producer thread has used so far (its own thread CPU time).
     """
 
@@ -36,24 +40,24 @@ class Prefetcher(Generic[T]):
         self.cpu_s = 0.0
         self._closed = threading.Event()
         if depth > 0:
-            self._q: queue.Queue = queue.Queue(maxsize=depth)
+            self._slots = threading.Semaphore(depth)
+            self._q: queue.SimpleQueue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            if not self._slots.acquire(timeout=_POLL_S):
+                continue  # `depth` items are ahead already: check for close, then wait again
+            if self._closed.is_set():
+                return
             t0 = time.thread_time()
             try:
                 item, err = self._produce(), None
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 item, err = None, e
             self.cpu_s += time.thread_time() - t0
-            while not self._closed.is_set():
-                try:
-                    self._q.put((item, err), timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    continue
+            self._q.put((item, err))
             if err is not None:
                 return
 
@@ -66,6 +70,7 @@ class Prefetcher(Generic[T]):
         if self._closed.is_set():
             raise StopIteration
         item, err = self._q.get()
+        self._slots.release()
         if err is not None:
             self._closed.set()
             raise err

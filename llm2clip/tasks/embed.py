@@ -24,7 +24,6 @@ import logging
 import os
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from llm2clip import distributed as D
 from llm2clip.config import ConfigError, atomic_write_text, save_config
 from llm2clip.data import sidecar as S
 from llm2clip.data.io import is_url
+from llm2clip.data.prefetch import Prefetcher
 from llm2clip.data.shards import ReadStats, expand_shards, field_extensions, get_caption, iter_tar_samples, shard_size
 from llm2clip.schema_embed import EmbedConfig, field_name
 from llm2clip.text.batching import EncodeStats
@@ -292,8 +292,7 @@ def _work(cfg: EmbedConfig, windows: list[list[ShardJob]], fp: str, rank: int) -
     stats = EncodeStats()
     n_fields = len(cfg.data.fields)
     total = sum(j.samples for j in jobs) * n_fields if all(j.samples is not None for j in jobs) else None
-    prog = None
-    pool = ThreadPoolExecutor(1) if cfg.batch.prefetch else None
+    prog, loaded = None, None
     try:
         from llm2clip.text.embedder import TextEmbedder
 
@@ -302,11 +301,10 @@ def _work(cfg: EmbedConfig, windows: list[list[ShardJob]], fp: str, rank: int) -
         prog = _Progress(rank == 0, cfg.run.progress_bar, total, cfg.run.log_every_s)  # after the (slow) load
         load = lambda js: load_window(js, cfg.data.fields, ptok, cfg.data.instruction,  # noqa: E731
                                       cfg.text.empty_captions)
-        nxt = pool.submit(load, windows[0]) if pool else None
-        for wi, wjobs in enumerate(windows):
-            w = nxt.result() if pool else load(wjobs)
-            if pool and wi + 1 < len(windows):
-                nxt = pool.submit(load, windows[wi + 1])  # read + tokenise ahead while the model runs
+        ahead = iter(windows)
+        # read + tokenise the next window in a thread while the model runs (batch.prefetch)
+        loaded = Prefetcher(lambda: load(next(ahead)), 1 if cfg.batch.prefetch else 0, name="embed-windows")
+        for wjobs, w in zip(windows, loaded):
             n_keys = sum(len(k) for k in w.keys)
             res["missing_captions"] += n_keys * n_fields - len(w.items)
             res["read_errors"] += sum(len(r) for r in w.read_errors)
@@ -327,8 +325,8 @@ def _work(cfg: EmbedConfig, windows: list[list[ShardJob]], fp: str, rank: int) -
     finally:
         if prog is not None:
             prog.close()
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if loaded is not None:
+            loaded.close()
     res["stats"] = stats.as_dict()
     return res
 
